@@ -121,3 +121,26 @@ def tiny_llama_dir(tiny_model_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own tunelab cache, so tokenized-data and model caches never leak between tests."""
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "tunelab_cache"))
+
+
+def write_tiny_dataset(data_dir: Path, n: int = 16) -> Path:
+    """A small alpaca-format data set `tiny` (some rows with history) plus dataset_info.json."""
+    import json
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        row = {"instruction": f"Say hello number {i}.", "input": "", "output": f"Hello {i}! I am fine, thank you."}
+        if i % 3 == 0:
+            row["history"] = [["你好", "你好，今天天气怎么样？"]]
+        rows.append(row)
+    (data_dir / "tiny.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    info = {"tiny": {"file_name": "tiny.json", "columns": {"prompt": "instruction", "query": "input",
+                                                            "response": "output", "history": "history"}}}
+    (data_dir / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return data_dir
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path) -> Path:
+    return write_tiny_dataset(tmp_path / "data")

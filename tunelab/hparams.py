@@ -105,6 +105,12 @@ class GenerationArguments:
 
 
 @dataclass
+class RunArguments:
+    overwrite_output_dir: bool = _opt(False, "Write into a non-empty --output_dir (transformers 5 dropped this flag; "
+                                      "tunelab keeps it for the 2023 commands).")
+
+
+@dataclass
 class Args:
     """All parsed options of one run, grouped as the dataclasses above."""
 
@@ -113,18 +119,20 @@ class Args:
     finetune: FinetuningArguments
     generation: GenerationArguments
     training: Seq2SeqTrainingArguments
+    run: RunArguments
     explicit: frozenset[str] = frozenset()  # option names the user set (file or CLI), for presets/defaults
 
     def to_dict(self) -> dict[str, Any]:
         """Every option as a flat JSON-able dict (what `tunelab_args.json` holds)."""
         out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.finetune, self.generation):
+        for part in (self.model, self.data, self.finetune, self.generation, self.run):
             out.update(asdict(part))
         out.update(json.loads(self.training.to_json_string()))
         return out
 
 
-_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArguments, Seq2SeqTrainingArguments)
+_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArguments, Seq2SeqTrainingArguments,
+           RunArguments)
 
 
 class _Parser(HfArgumentParser):
@@ -198,14 +206,14 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         argv = config_to_argv(load_config_file(argv[0])) + argv[1:]
     if config:
         argv = config_to_argv(config) + argv
-    model, data, finetune, generation, training, rest = build_parser().parse_args_into_dataclasses(
+    model, data, finetune, generation, training, run, rest = build_parser().parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
     if rest:
         bad = rest[0]
         name = bad.lstrip("-").split("=", 1)[0]
         hint = closest(name, option_names()) if bad.startswith("-") else "options start with --"
         raise TunelabError(f"unknown option '{bad}': {hint}")
-    args = Args(model, data, finetune, generation, training, _explicit_names(argv))
+    args = Args(model, data, finetune, generation, training, run, _explicit_names(argv))
     _apply_generation_preset(args)
     return args
 

@@ -1,0 +1,104 @@
+"""End to end through the CLI on tiny models: every method trains with falling loss and writes the
+expected files; resume continues a killed run; bad input fails before anything is written."""
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.hparams import TunelabError, parse_args
+from tunelab.train import run
+
+METHOD_FLAGS = {
+    "lora": ["--lora_target", "qkv", "--learning_rate", "2e-2"],
+    "freeze": ["--num_layer_trainable", "2", "--name_module_trainable", "mlp", "--learning_rate", "2e-2"],
+    "p_tuning": ["--pre_seq_len", "4", "--learning_rate", "5e-2"],
+    "full": ["--learning_rate", "5e-3"],
+}
+WEIGHT_FILES = {"lora": "adapter_model.safetensors", "freeze": "freeze_weights.safetensors",
+                "p_tuning": "prefix_encoder.safetensors", "full": "model.safetensors"}
+
+
+def train_argv(model_dir, data_dir, out, method="lora", *extra):
+    return ["--do_train", "--model_name_or_path", str(model_dir), "--dataset", "tiny", "--dataset_dir",
+            str(data_dir), "--finetuning_type", method, "--output_dir", str(out), "--per_device_train_batch_size",
+            "4", "--num_train_epochs", "6", "--logging_steps", "2", "--save_steps", "1000", "--lr_scheduler_type",
+            "constant", "--seed", "0", "--bf16", "false", "--template", "auto", "--plot_loss",
+            *METHOD_FLAGS[method], *extra]
+
+
+def losses(out):
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "p_tuning", "full"])
+def test_each_method_trains_and_writes_its_files(tiny_llama_dir, tiny_data_dir, tmp_path, method):
+    out = tmp_path / "run"
+    run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, method)))
+    curve = losses(out)
+    assert len(curve) >= 4 and curve[-1] < curve[0] * 0.9, curve
+    for name in ("train_results.json", "all_results.json", "trainer_state.json", "tunelab_args.json",
+                 "env.json", "trainable.json", "tunelab_method.json", "training_loss.png", WEIGHT_FILES[method]):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "train_results.json").read_text())
+    assert {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"} <= set(results)
+    pickles = [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert not pickles, pickles
+
+
+def test_seed_command_verbatim_on_gpt2(tiny_model_factory, tiny_data_dir, tmp_path, capsys):
+    """The 2023 log's flags (incl. --fp16 and layer-prefixed ChatGLM names) on a fused-qkv model."""
+    out = tmp_path / "yui_lora"
+    argv = ["train", "--do_train", "--model_name_or_path", str(tiny_model_factory("gpt2")), "--dataset", "tiny",
+            "--dataset_dir", str(tiny_data_dir), "--finetuning_type", "lora", "--output_dir", str(out),
+            "--overwrite_cache", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--save_steps", "1000", "--learning_rate",
+            "5e-5", "--weight_decay", "1e-4", "--num_train_epochs", "1.0", "--lora_target",
+            "2.attention.query_key_value,3.attention.query_key_value", "--source_prefix", "You are Yui.",
+            "--plot_loss", "--fp16"]
+    assert main(argv) == 0
+    assert "trainable params: " in capsys.readouterr().out
+    meta = json.loads((out / "tunelab_method.json").read_text())
+    assert meta["modules"] == ["transformer.h.2.attn.c_attn", "transformer.h.3.attn.c_attn"]
+
+
+def test_resume_after_kill_continues(tiny_llama_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    full = train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--save_steps", "4", "--max_steps", "8")
+    run(parse_args(full[:-4] + ["--save_steps", "4", "--max_steps", "4"]))  # the "killed" run stopped at step 4
+    assert (out / "checkpoint-4" / "optimizer.safetensors").is_file()
+    run(parse_args(full + ["--resume_from_checkpoint", "true"]))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    steps = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert steps == sorted(set(steps)) and steps[0] == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--dataset", "nope"], "nope"),
+    (["--finetuning_type", "adapter"], "choose from"),
+    (["--lora_target", "no_such_module"], "q_proj"),
+    (["--target_layers", "7-9"], "4 layers"),
+    (["--do_eval"], "exactly one"),
+])
+def test_bad_input_fails_before_writing(tiny_llama_dir, tiny_data_dir, tmp_path, bad, message):
+    out = tmp_path / "run"
+    argv = train_argv(tiny_llama_dir, tiny_data_dir, out, "lora") + bad
+    with pytest.raises(TunelabError, match=message):
+        run(parse_args(argv))
+    assert not out.exists()
+
+
+def test_used_output_dir_needs_overwrite(tiny_llama_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(TunelabError, match="overwrite_output_dir"):
+        run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out)))
+
+
+def test_cli_error_is_one_line(tiny_data_dir, capsys):
+    assert main(["train", "--do_train", "--lora_targte", "qkv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "lora_target" in err

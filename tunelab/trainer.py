@@ -1,0 +1,192 @@
+"""The one training loop: HF `Trainer` with tunelab's loss and pickle-free checkpoints.
+
+Every method trains through `TunelabTrainer`; methods differ only in the model they hand it
+(tunelab/methods.py). What this subclass changes, and why:
+- loss: cross-entropy computed only at supervised positions (`logits_to_keep` as a boolean mask, a public
+  transformers API), so the vocab projection is skipped for prompt tokens — same value as the full-logits
+  loss, fewer FLOPs (tests/test_trainer.py checks equality);
+- saving: weights through `methods.save_trainable` (safetensors), and optimizer / scheduler / RNG / scaler
+  state as safetensors + JSON instead of torch pickles, so no checkpoint file needs `torch.load`.
+DeepSpeed and FSDP keep their engines' own checkpoint formats (they own that state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from tunelab import methods
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_extra_state.json"  # optimizer structure, scheduler, scaler, python/numpy RNG
+RNG_FILE = "rng_state.safetensors"
+
+
+def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    Only the hidden states that predict a supervised token go through the output projection:
+    keep[b, t] is True when labels[b, t + 1] is supervised, so logits come back as (num_kept, vocab).
+    """
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+    targets = labels[:, 1:][keep[:, :-1]]
+    if targets.numel() == 0:  # a batch with nothing to learn contributes zero loss, not NaN
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+
+
+class TunelabTrainer(Trainer):
+    """HF Trainer + tunelab's supervised-position loss and safetensors/JSON checkpoints."""
+
+    def __init__(self, *args, method_info: methods.MethodInfo, base_model: str, run_args: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method_info = method_info
+        self.base_model = base_model
+        self.run_args = run_args
+        self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean; the Trainer divides by GA steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = supervised_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    # ---- weights ----
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        methods.save_trainable(model, output_dir, self.method_info, self.base_model)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        Path(output_dir, "tunelab_args.json").write_text(json.dumps(self.run_args, indent=2), encoding="utf-8")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        meta = methods.read_method(resume_from_checkpoint)
+        methods.restore_trainable(model, resume_from_checkpoint, meta)
+
+    # ---- optimizer, scheduler, scaler: safetensors + JSON ----
+    def _owns_state(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._owns_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
+        tensors, structure = _flatten_optimizer_state(self.optimizer.state_dict())
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(output_dir, OPTIMIZER_FILE))
+        extra = {"optimizer": structure, "scheduler": self.lr_scheduler.state_dict()}
+        Path(output_dir, STATE_FILE).write_text(json.dumps(extra, default=_json_default), encoding="utf-8")
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not self.args.should_save:
+            return
+        path = Path(output_dir, "scaler_state.json")
+        path.write_text(json.dumps(scaler.state_dict(), default=_json_default), encoding="utf-8")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._owns_state():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_FILE)):
+            logger.warning("no optimizer state in %s: the optimizer restarts", checkpoint)
+            return
+        from safetensors.torch import load_file
+
+        extra = json.loads(Path(checkpoint, STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(os.path.join(checkpoint, OPTIMIZER_FILE), device=str(self.args.device))
+        self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, extra["optimizer"]))
+        self.lr_scheduler.load_state_dict(extra["scheduler"])
+
+    # ---- RNG: torch states as tensors, python/numpy states as JSON ----
+    def _save_rng_state(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"cuda_{i}"] = state
+        name = _rng_name(self.args)
+        save_file(tensors, os.path.join(output_dir, name + ".safetensors"))
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        other = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                 "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        Path(output_dir, name + ".json").write_text(json.dumps(other), encoding="utf-8")
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        name = _rng_name(self.args)
+        path = Path(checkpoint, name + ".safetensors")
+        if not path.is_file():
+            logger.info("no RNG state in %s: reproducibility of the resumed run is not guaranteed", checkpoint)
+            return
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        torch.random.set_rng_state(tensors["cpu"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        other = json.loads(Path(checkpoint, name + ".json").read_text(encoding="utf-8"))
+        py = other["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = other["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def _rng_name(args) -> str:
+    return "rng_state" if args.world_size <= 1 else f"rng_state_{args.process_index}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON state")
+
+
+def _flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into named tensors (safetensors) and a JSON-able skeleton."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton: dict[str, dict[str, Any]] = {}
+    for pid, per_param in state["state"].items():
+        entry: dict[str, Any] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                name = f"{pid}.{key}"
+                tensors[name] = value.detach().contiguous().cpu()
+                entry[key] = {"tensor": name}
+            else:
+                entry[key] = value
+        skeleton[str(pid)] = entry
+    return tensors, {"state": skeleton, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state = {}
+    for pid, entry in structure["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                           for k, v in entry.items()}
+    return {"state": state, "param_groups": structure["param_groups"]}
