@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from tunelab.hparams import TunelabError
+from tunelab.errors import TunelabError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tunelab.train:main", "Fine-tune (or --do_eval / --do_predict) with the 2023 toolkit's flags."),
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from tunelab.hparams import closest
+        from tunelab.errors import closest
 
         print(f"tunelab: unknown command '{command}': {closest(command, list(COMMANDS))}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag 
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -22,19 +21,17 @@ from typing import Any
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
+from tunelab.targets import TARGET_MATCH_MODES
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "freeze", "p_tuning", "full", "none")
-TARGET_MATCH_MODES = ("strict", "legacy")
 GENERATION_PRESETS = {
     # ChatGLM-Efficient-Tuning's April 2023 eval settings (sampled decoding, total length 768).
     "seed2023": {"do_sample": True, "top_p": 0.7, "temperature": 0.95, "max_length": 768},
     "greedy": {"do_sample": False, "num_beams": 1},
 }
-
-
-class TunelabError(Exception):
-    """A user-facing error: printed as one line by the CLI, no traceback."""
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -149,14 +146,6 @@ def build_parser() -> HfArgumentParser:
 def option_names() -> list[str]:
     """Every valid option name (without dashes)."""
     return sorted({f.name for group in _GROUPS for f in fields(group) if f.init})
-
-
-def closest(name: str, valid: list[str] | tuple[str, ...], n: int = 3) -> str:
-    """'did you mean ...' text for an unknown name, or the full list when nothing is close."""
-    near = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.6)
-    if near:
-        return "did you mean " + " or ".join(near) + "?"
-    return "valid: " + ", ".join(valid)
 
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:
