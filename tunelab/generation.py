@@ -1,0 +1,195 @@
+"""Batched generation for eval/predict: many prompts through `model.generate`, answers back in order.
+
+    from tunelab.generation import generate_batched, generation_kwargs
+    kwargs = generation_kwargs(args.generation, tokenizer)          # greedy unless --do_sample
+    answers = generate_batched(model, tokenizer, prompt_ids, kwargs, batch_size=8, seed=42)
+
+Batching must not change the answers: greedy decoding of a prompt gives the same text alone or in a
+batch (tests/test_generation.py checks it against repeated full forward passes). What makes that hold:
+  * left padding plus an attention mask, so every row's new tokens sit at the same position;
+  * a per-prompt token budget: `max_length` is prompt + answer for *that* prompt, not for the padded
+    batch (HF counts padding), so the batch runs to the largest budget and each answer is cut to its own;
+  * each answer is cut at its first eos id, whatever the batch appended after it.
+Prompts are sorted longest first into batches (least padding; an out-of-memory shows on batch one).
+Where batching can still matter: sampled answers depend on which batch draws which random numbers (a
+seed makes a run repeatable, not batch-size independent); beam search cut to a shorter per-prompt
+budget is not beam search run with that budget; and HF's repetition_penalty also penalises the padding
+ids it sees in the prompt (with the default 1.0 it is off).
+
+`model` is anything whose `.generate(input_ids=..., attention_mask=..., **kw)` returns prompt + new
+tokens as HF does: a plain HF model, a peft model or tunelab's P-Tuning wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.hparams import GenerationArguments
+
+
+def _ids(value) -> list[int]:
+    """An eos/pad id setting (None, an int or a list of ints) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def generation_kwargs(gen: GenerationArguments, tokenizer) -> dict[str, Any]:
+    """HF `generate` keyword arguments for these options: greedy unless `do_sample`.
+
+    Sampling knobs are passed only when sampling (HF warns about them otherwise); `max_length` (prompt +
+    answer) replaces `max_new_tokens` when set. The model's own generation_config eos ids are added by
+    generate_batched, which has the model.
+    """
+    if gen.num_beams < 1:
+        raise TunelabError(f"--num_beams must be >= 1, got {gen.num_beams}")
+    if gen.do_sample and gen.temperature <= 0:
+        raise TunelabError(f"--temperature must be > 0 when sampling, got {gen.temperature}")
+    kwargs: dict[str, Any] = {"do_sample": gen.do_sample, "num_beams": gen.num_beams,
+                              "repetition_penalty": gen.repetition_penalty, "use_cache": True}
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    if gen.max_length is not None:
+        if gen.max_length < 1:
+            raise TunelabError(f"--max_length must be >= 1, got {gen.max_length}")
+        kwargs["max_length"] = gen.max_length
+    else:
+        if gen.max_new_tokens < 1:
+            raise TunelabError(f"--max_new_tokens must be >= 1, got {gen.max_new_tokens}")
+        kwargs["max_new_tokens"] = gen.max_new_tokens
+    eos = _ids(tokenizer.eos_token_id)
+    if eos:
+        kwargs["eos_token_id"] = eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    return kwargs
+
+
+def _model_generation_config(model):
+    # peft models and HF models expose it directly; a wrapper (P-Tuning) may only hold the HF model
+    for candidate in (model, getattr(model, "model", None), getattr(model, "base_model", None)):
+        config = getattr(candidate, "generation_config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def _resolve_kwargs(model, tokenizer, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """gen_kwargs + the model's eos ids (chat models often stop on several) + a pad id that always exists."""
+    kwargs = dict(gen_kwargs)
+    config = _model_generation_config(model)
+    eos = _ids(kwargs.get("eos_token_id", tokenizer.eos_token_id))
+    eos += [i for i in _ids(getattr(config, "eos_token_id", None)) if i not in eos]
+    if eos:
+        kwargs["eos_token_id"] = eos
+    if kwargs.get("pad_token_id") is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+        if pad is None:
+            raise TunelabError("the tokenizer has neither a pad nor an eos token: cannot pad a batch")
+        kwargs["pad_token_id"] = pad
+    kwargs.setdefault("use_cache", True)
+    return kwargs
+
+
+def _budgets(prompts: list[list[int]], kwargs: dict[str, Any], model) -> list[int]:
+    """New-token budget per prompt. `max_length` is per prompt (total), else `max_new_tokens`; with
+    neither, the model's generation_config decides the same way."""
+    max_length, max_new = kwargs.get("max_length"), kwargs.get("max_new_tokens")
+    if max_length is None and max_new is None:
+        config = _model_generation_config(model)
+        max_new = getattr(config, "max_new_tokens", None)
+        max_length = getattr(config, "max_length", None) if max_new is None else None
+        if max_new is None and max_length is None:
+            raise TunelabError("give max_new_tokens or max_length for generation")
+    if max_length is not None and max_new is None:
+        return [max_length - len(p) for p in prompts]
+    return [max_new] * len(prompts)  # both given: HF lets max_new_tokens win, so do we
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) [batch, longest], prompts right-aligned so new tokens line up."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return input_ids, mask
+
+
+def _answer_ids(tokens: list[int], budget: int, eos_ids: list[int]) -> list[int]:
+    """A row's new tokens up to its own budget and before its first eos (padding follows eos in a batch)."""
+    tokens = tokens[:budget]
+    for pos, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:pos]
+    return tokens
+
+
+def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[int],
+                    kwargs: dict[str, Any], device) -> list[str]:
+    input_ids, mask = _left_pad(prompts, kwargs["pad_token_id"])
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=max(budgets), **kwargs)
+    out = getattr(out, "sequences", out)  # a generation_config with return_dict_in_generate
+    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    eos = _ids(kwargs.get("eos_token_id"))
+    return [tokenizer.decode(_answer_ids(row, budget, eos), skip_special_tokens=True).strip()
+            for row, budget in zip(new_tokens, budgets)]
+
+
+def _device(model):
+    device = getattr(model, "device", None)
+    return device if device is not None else next(model.parameters()).device
+
+
+def _autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict[str, Any],
+                     batch_size: int = 8, progress: bool = True, seed: int | None = None,
+                     autocast_dtype=None) -> list[str]:
+    """The decoded answer to each prompt (token ids), in the order given; "" where the prompt alone
+    already fills `max_length`. `seed` seeds torch once before the first batch (for sampling)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise TunelabError(f"batch size must be >= 1, got {batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise TunelabError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} is empty: nothing to continue")
+    kwargs = _resolve_kwargs(model, tokenizer, gen_kwargs)
+    budgets = _budgets(prompts, kwargs, model)
+    # each batch gets max_new_tokens = its largest budget instead (see _generate_batch)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
+    answers = [""] * len(prompts)
+    order = sorted((i for i in range(len(prompts)) if budgets[i] > 0), key=lambda i: -len(prompts[i]))
+    device, was_training = _device(model), model.training
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.eval()
+    bar = tqdm(total=len(prompts), unit="sample", desc="generate", disable=not progress)
+    bar.update(len(prompts) - len(order))
+    try:
+        with torch.inference_mode(), _autocast(device, autocast_dtype):
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                texts = _generate_batch(model, tokenizer, [prompts[i] for i in batch],
+                                        [budgets[i] for i in batch], kwargs, device)
+                for i, text in zip(batch, texts):
+                    answers[i] = text
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return answers
