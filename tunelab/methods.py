@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tunelab.hparams import FinetuningArguments, TunelabError
+from tunelab.model import num_layers
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
-
-
-def num_layers(config) -> int:
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise TunelabError(f"cannot tell the layer count of model type '{config.model_type}'")
 
 
 def target_leaf_names(model: nn.Module) -> list[str]:

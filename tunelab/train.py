@@ -67,7 +67,8 @@ def resolve_precision(args: Args) -> None:
         return  # the user chose
     elif fast_bf16:
         logger.info("this CPU does bf16 fast: training in bf16 autocast (--bf16 false for fp32)")
-    args.training = dataclasses.replace(args.training, fp16=False, bf16=fast_bf16)
+    # use_cpu: TrainingArguments refuses bf16 without a GPU unless told the CPU is the device
+    args.training = dataclasses.replace(args.training, fp16=False, bf16=fast_bf16, use_cpu=fast_bf16 or args.training.use_cpu)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -79,6 +80,10 @@ def cpu_has_fast_bf16() -> bool:
 
 def prepare_training_args(args: Args) -> None:
     """Settings every tunelab run needs from HF's TrainingArguments."""
+    import torch
+
+    if not torch.cuda.is_available():  # transformers 5 refuses bf16 without a GPU unless use_cpu is set
+        args.training = dataclasses.replace(args.training, use_cpu=True)
     resolve_precision(args)
     args.training = dataclasses.replace(
         args.training,

@@ -5,6 +5,10 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
 - loss: cross-entropy computed only at supervised positions (`logits_to_keep` as a boolean mask, a public
   transformers API), so the vocab projection is skipped for prompt tokens — same value as the full-logits
   loss, fewer FLOPs (tests/test_trainer.py checks equality);
+- padding-free batches: a right-padded batch runs as one row holding its samples back to back
+  (`pack_batch`), with attention kept inside each sample (`packed_attention`, registered through
+  transformers' public AttentionInterface). Same samples, same order, same targets, so the same loss up
+  to float noise — minus the FLOPs spent on padding (tests/test_speed.py, numbers in bench/);
 - saving: weights through `methods.save_trainable` (safetensors), and optimizer / scheduler / RNG / scaler
   state as safetensors + JSON instead of torch pickles, so no checkpoint file needs `torch.load`.
 DeepSpeed and FSDP keep their engines' own checkpoint formats (they own that state).
@@ -50,8 +54,78 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
 
 
+# ---- padding-free batches ----
+
+PACKED_ATTENTION = "tunelab_packed"  # the name packed_attention is registered under in transformers
+
+
+def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A right-padded batch [B, T] as one padding-free row [1, N] (N = real tokens), samples in order.
+
+    position_ids restart at 0 for every sample (as in the padded batch) and `cu_seq_lens_q` (transformers'
+    name for sample boundaries, [B + 1] cumulative lengths) tells packed_attention where samples end. Each
+    sample's first label becomes -100: in the packed row the token before it belongs to the previous
+    sample (the padded batch never predicts a first token either). None when packing gains nothing (no
+    padding) or cannot be exact (left padding, other inputs).
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or bool(mask.all()):
+        return None
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    if not bool((mask == (positions < lengths[:, None])).all()):
+        return None  # not right-padded: the padded batch's positions would not start at 0
+    labels = inputs["labels"].clone()
+    labels[:, 0] = -100
+    cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return {"input_ids": inputs["input_ids"][mask][None], "labels": labels[mask][None],
+            "position_ids": positions[mask][None], "cu_seq_lens_q": cu_seq_lens}
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """SDPA per sample of a packed row ([1, heads, N, head_dim], bounds in kwargs["cu_seq_lens_q"]);
+    exactly transformers' SDPA attention when there are no bounds (unpacked batches, generation)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    bounds = bounds.tolist()
+    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                              is_causal=True, scale=scaling, enable_gqa=gqa)
+               for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim] like SDPA's
+
+
+def enable_packed_attention(model) -> str | None:
+    """Switch the HF model in `model` (plain or peft-wrapped) from SDPA to packed_attention when that is
+    exact: a causal LM on transformers' attention interface, full attention in every layer (no sliding
+    window, softcap or position bias). Returns the implementation to restore afterwards, or None when
+    the model is left as it is (P-Tuning's prefix cache, eager/flash attention, remote code)."""
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(hf, "config", None)
+    if not isinstance(hf, PreTrainedModel) or not getattr(hf, "_supports_attention_backend", False) \
+            or getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    text = config.get_text_config()
+    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or []) \
+            or getattr(text, "attn_logit_softcapping", None) or getattr(text, "is_encoder_decoder", False):
+        return None
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # unpacked batches get SDPA's masks
+    hf.set_attn_implementation(PACKED_ATTENTION)
+    return "sdpa"
+
+
 class TunelabTrainer(Trainer):
-    """HF Trainer + tunelab's supervised-position loss and safetensors/JSON checkpoints."""
+    """HF Trainer + tunelab's supervised-position loss, padding-free batches and safetensors/JSON checkpoints."""
 
     def __init__(self, *args, method_info: methods.MethodInfo, base_model: str, run_args: dict, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,8 +134,21 @@ class TunelabTrainer(Trainer):
         self.run_args = run_args
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean; the Trainer divides by GA steps
 
+    def train(self, *args, **kwargs):
+        # compiled graphs would see a new packed length every step; compile keeps padded batches
+        restore = None if self.args.torch_compile else enable_packed_attention(self.model)
+        self.packing = restore is not None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if restore:
+                hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                hf.set_attn_implementation(restore)
+            self.packing = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = supervised_loss(model, inputs)
+        packed = pack_batch(inputs) if getattr(self, "packing", False) else None
+        loss = supervised_loss(model, packed or inputs)
         return (loss, None) if return_outputs else loss
 
     # ---- weights ----

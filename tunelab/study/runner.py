@@ -1,0 +1,326 @@
+"""Run a study's rows: each row trains, then evaluates on every eval set, into its own run directory.
+
+    study_dir/
+      spec.yaml, plan.json          the spec as given and the expanded plan (what the report reads)
+      study.log                     one line per finished row, with the ETA
+      rows/r07_freeze_qkv_first3_s42/
+        row.json                    status (pending/running/done/failed), error + traceback, timings
+        row.log                     the row's log records
+        train/ persona/ general/    ordinary tunelab run dirs (tunelab_args.json, results, predictions)
+
+A finished row is never redone: a rerun skips rows whose row.json says done, and inside an unfinished
+row skips stages whose results file exists. A half-finished training stage resumes from its newest
+`checkpoint-*` folder, otherwise it restarts clean. A failed row records its error and the study goes on.
+`workers > 1` runs rows in parallel processes, one device each when devices are given.
+
+`run_fn(args) -> metrics` runs one stage; the default is `tunelab.train.run`, imported only when a row
+runs, so this module imports without torch and tests pass a fake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.study.spec import RowPlan
+
+logger = logging.getLogger(__name__)
+
+ROW_FILE = "row.json"
+PLAN_FILE = "plan.json"
+RESULT_FILES = {"train": "train_results.json", "eval": "predict_results.json"}  # written last by each stage
+
+RunFn = Callable[[Any], dict]
+
+
+def default_run_fn(args) -> dict:
+    from tunelab.train import run
+
+    return run(args)
+
+
+# ---- files ----
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write through a temp file and rename, so a kill never leaves half a JSON file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_row(row_dir: Path) -> dict[str, Any]:
+    path = Path(row_dir) / ROW_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_plan(study_dir: Path, plans: list[RowPlan], meta: dict[str, Any], spec_text: str | None) -> None:
+    """plan.json (the expanded plan the report reads) and spec.yaml (the spec as given)."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if spec_text is not None:
+        (study_dir / "spec.yaml").write_text(spec_text, encoding="utf-8")
+    _write_json(study_dir / PLAN_FILE, {**meta, "rows": [p.to_dict() for p in plans]})
+
+
+def check_resumable(plans: list[RowPlan], study_dir: Path) -> None:
+    """Refuse to mix plans: a done row computed with other options would be silently kept otherwise."""
+    records = {p.dir: read_row(study_dir / p.dir) for p in plans}
+    stale = [p.dir for p in plans
+             if records[p.dir].get("status") == "done" and records[p.dir].get("fingerprint") != p.fingerprint()]
+    if stale:
+        raise TunelabError(
+            f"{study_dir} holds finished rows computed with different options ({', '.join(stale[:4])}"
+            f"{' ...' if len(stale) > 4 else ''}): use another --output_dir, or delete those row folders to redo them")
+
+
+# ---- one row ----
+
+def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -> dict[str, Any]:
+    """Train + evaluate one row unless row.json says done; returns its row record. Never raises for a
+    failing stage (the error goes into row.json); KeyboardInterrupt is recorded and re-raised."""
+    row_dir = Path(study_dir) / plan.dir
+    record = read_row(row_dir)
+    if record.get("status") == "done":
+        return {**record, "skipped": True}
+    if record.get("fingerprint") not in (None, plan.fingerprint()):
+        _discard_stages(plan, record)  # an unfinished attempt with other options: nothing of it is reusable
+    record = {"id": plan.id, "name": plan.name, "seed": plan.seed, "labels": plan.labels, "dir": plan.dir,
+              "fingerprint": plan.fingerprint(), "attempts": record.get("attempts", 0) + 1,
+              "stages": record.get("stages", {}), "status": "running", "error": None, "traceback": None,
+              "host": socket.gethostname(), "pid": os.getpid(), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(row_dir / ROW_FILE, record)
+    start = time.time()
+    try:
+        with _row_log(row_dir / "row.log"):
+            _run_stages(plan, record, row_dir, run_fn or default_run_fn)
+        record["status"] = "done"
+    except KeyboardInterrupt:
+        _mark_running(record, "interrupted")
+        record.update(status="interrupted", error="interrupted (Ctrl-C): rerun the study to continue")
+        raise
+    except Exception as err:  # a failed row must not stop the study: record it and move on
+        _mark_running(record, "failed")
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        logger.error("row %s failed: %s", plan.dir, record["error"])
+    finally:
+        record.update(seconds=round(time.time() - start, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _write_json(row_dir / ROW_FILE, record)
+    return record
+
+
+def _discard_stages(plan: RowPlan, record: dict[str, Any]) -> None:
+    for _, cfg in plan.stages():
+        shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    record["stages"] = {}
+
+
+def _mark_running(record: dict[str, Any], status: str) -> None:
+    for info in record["stages"].values():
+        if info.get("status") == "running":
+            info["status"] = status
+
+
+def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn) -> None:
+    trained_now = False
+    for stage, cfg in plan.stages():
+        kind = "train" if stage == "train" else "eval"
+        out = Path(cfg["output_dir"])
+        if (out / RESULT_FILES[kind]).is_file() and not (kind == "eval" and trained_now):
+            record["stages"].setdefault(stage, {})["status"] = "done"
+            continue  # finished in an earlier attempt
+        before = record["stages"].get(stage, {})
+        avoid = before.get("resumed_from") if before.get("status") == "failed" else None
+        cfg = _prepare_stage_dir(out, cfg, kind, avoid)
+        record["stages"][stage] = {"status": "running", "resumed_from": cfg.get("resume_from_checkpoint")}
+        _write_json(row_dir / ROW_FILE, record)
+        start = time.time()
+        metrics = run_fn(_parse(cfg))
+        record["stages"][stage].update(status="done", seconds=round(time.time() - start, 1), metrics=_jsonable(metrics))
+        _write_json(row_dir / ROW_FILE, record)
+        trained_now = trained_now or kind == "train"
+
+
+def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | None = None) -> dict[str, Any]:
+    """Resume training from the newest checkpoint-* in `out`; otherwise clear a half-written stage dir
+    (its files belong to an attempt that did not finish, or to a training run that has been redone).
+    `avoid`: a checkpoint the last attempt failed to resume from (say, half-written by a kill during
+    saving); resuming from it again would fail forever, so the stage restarts clean instead."""
+    if kind == "train":
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and str(ckpt) != avoid:
+            logger.info("resuming %s from %s", out, ckpt.name)
+            return {**cfg, "resume_from_checkpoint": str(ckpt)}
+        if ckpt is not None:
+            logger.warning("the last attempt failed resuming from %s: restarting %s from scratch", ckpt.name, out)
+    if out.exists():
+        shutil.rmtree(out)
+    return cfg
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The `checkpoint-<step>` folder with the highest step, or None."""
+    if not out.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _parse(cfg: dict[str, Any]):
+    from tunelab.hparams import parse_args
+
+    return parse_args(config=cfg)
+
+
+def _jsonable(metrics: Any) -> dict[str, Any]:
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+@contextmanager
+def _row_log(path: Path):
+    """Send this process's log records to the row's own row.log while the row runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(old_level, logging.INFO))  # NOTSET (0) already lets everything through
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+# ---- the whole study ----
+
+class Progress:
+    """One line per finished row: status, time, headline scores, elapsed and ETA for the whole study."""
+
+    def __init__(self, total: int, workers: int, log: Callable[[str], None]):
+        self.total, self.workers, self.log = total, max(workers, 1), log
+        self.done, self.durations, self.start = 0, [], time.time()
+
+    def update(self, plan: RowPlan, record: dict[str, Any]) -> None:
+        self.done += 1
+        if record.get("seconds") is not None and not record.get("skipped"):
+            self.durations.append(record["seconds"])
+        left = self.total - self.done
+        eta = (sum(self.durations) / len(self.durations)) * left / self.workers if self.durations else 0.0
+        status = record.get("status", "?")
+        detail = _headline(record) if status == "done" else (record.get("error") or "")[:160]
+        self.log(f"[{self.done:>2}/{self.total}] {plan.dir.split('/')[-1]:<34} {status:<6} "
+                 f"{_fmt_time(record.get('seconds', 0))}  {detail}  | elapsed {_fmt_time(time.time() - self.start)}"
+                 f", ETA {_fmt_time(eta)}")
+
+
+def _headline(record: dict[str, Any]) -> str:
+    parts = []
+    for stage, info in record.get("stages", {}).items():
+        metrics = info.get("metrics") or {}
+        if stage == "train" and "train_loss" in metrics:
+            parts.append(f"loss {metrics['train_loss']:.3f}")
+        elif "predict_bleu-4" in metrics:
+            parts.append(f"{stage} bleu-4 {metrics['predict_bleu-4']:.2f}")
+    return ", ".join(parts)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds or 0)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None = None, workers: int = 1,
+              devices: list[str] | None = None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every plan not yet done (base row first); returns the row records in plan order."""
+    study_dir = Path(study_dir)
+    log = log or _study_logger(study_dir)
+    check_resumable(plans, study_dir)
+    todo = [p for p in plans if read_row(study_dir / p.dir).get("status") != "done"]
+    log(f"study {study_dir}: {len(plans)} rows, {len(plans) - len(todo)} already done, {len(todo)} to run"
+        + (f" on {workers} workers" if workers > 1 else ""))
+    progress = Progress(len(todo), workers, log)
+    if workers <= 1 or len(todo) <= 1:
+        for plan in todo:
+            progress.update(plan, run_row(plan, study_dir, run_fn))
+    else:
+        _run_parallel(todo, study_dir, run_fn, workers, devices, progress)
+    return [read_row(study_dir / p.dir) for p in plans]
+
+
+def _study_logger(study_dir: Path) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        print(line, flush=True)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        with (study_dir / "study.log").open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    return log
+
+
+def worker_devices(workers: int, devices: list[str] | None) -> list[str | None]:
+    """The device each worker process gets: devices round-robin (several rows per GPU when workers >
+    devices, as the 2023 grid ran 3 per GPU), or None each when no devices are given."""
+    if not devices:
+        return [None] * workers
+    return [devices[i % len(devices)] for i in range(workers)]
+
+
+def _init_worker(queue, threads: int) -> None:
+    """Runs first in each worker process, before torch is imported: pin its device and its CPU threads."""
+    device = queue.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device.split(":")[-1]
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+
+
+def _run_parallel(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, workers: int,
+                  devices: list[str] | None, progress: Progress) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch/CUDA state
+    queue = ctx.Queue()
+    for device in worker_devices(workers, devices):
+        queue.put(device)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads)) as pool:
+        pending: dict[Future, RowPlan] = {pool.submit(run_row, p, study_dir, run_fn): p for p in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    plan = pending.pop(future)
+                    progress.update(plan, _result(future, plan, study_dir))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _result(future: Future, plan: RowPlan, study_dir: Path) -> dict[str, Any]:
+    """A worker's row record; a worker that died (killed, out of memory) is recorded as a failed row."""
+    try:
+        return future.result()
+    except Exception as err:
+        error = f"worker died: {type(err).__name__}: {err}"
+        record = {**read_row(study_dir / plan.dir), "status": "failed", "error": error}
+        _write_json(study_dir / plan.dir / ROW_FILE, record)
+        return record
