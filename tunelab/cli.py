@@ -43,6 +43,36 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
+# Commands whose hot loops allocate many short-lived tensors on the CPU: there tcmalloc ran the same
+# training step 1.1-2x faster than glibc malloc (jemalloc gave nothing). TUNELAB_ALLOCATOR=system opts out.
+_ALLOCATOR_COMMANDS = {"train", "eval", "predict", "study", "chat", "serve", "webui"}
+
+
+def _tcmalloc_env(argv: list[str]) -> dict[str, str] | None:
+    """The environment to re-run under tcmalloc, or None when it is absent, unwanted or already loaded."""
+    import ctypes.util
+    import os
+
+    if not argv or argv[0] not in _ALLOCATOR_COMMANDS or os.environ.get("TUNELAB_ALLOCATOR") == "system":
+        return None
+    preload = os.environ.get("LD_PRELOAD", "")
+    lib = ctypes.util.find_library("tcmalloc_minimal")
+    if not lib or "tcmalloc" in preload:
+        return None
+    return {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip(), "TUNELAB_ALLOCATOR": "tcmalloc"}
+
+
+def entry() -> int:
+    """Console-script entry: re-executes itself once under tcmalloc when available, then runs main()."""
+    import os
+
+    argv = sys.argv[1:]
+    env = _tcmalloc_env(argv)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
