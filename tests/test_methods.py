@@ -81,3 +81,16 @@ def test_save_then_load_gives_same_logits(tiny_llama_dir, tmp_path, method):
     with torch.no_grad():
         got = loaded.eval()(input_ids=_ids(loaded)).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "p_tuning"])
+def test_save_from_a_gathered_state_dict_matches(tiny_llama_dir, tmp_path, method):
+    """ZeRO-3 / FSDP hand _save the gathered full state_dict: the files must equal a plain save."""
+    from safetensors.torch import load_file
+
+    model, info = prepare_model(_load(tiny_llama_dir), FinetuningArguments(finetuning_type=method, lora_target="all"))
+    save_trainable(model, tmp_path / "plain", info, base_model=str(tiny_llama_dir))
+    save_trainable(model, tmp_path / "gathered", info, base_model=str(tiny_llama_dir), state_dict=model.state_dict())
+    for f in (tmp_path / "plain").glob("*.safetensors"):
+        a, b = load_file(str(f)), load_file(str(tmp_path / "gathered" / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

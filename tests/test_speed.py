@@ -51,8 +51,8 @@ def test_pack_batch_only_when_exact_and_useful():
     assert packed["position_ids"].tolist() == [list(range(12)) + list(range(7)) + list(range(10))]
     assert packed["cu_seq_lens_q"].tolist() == [0, 12, 19, 29]
     assert (packed["labels"][0, [0, 12, 19]] == -100).all()  # no sample predicts the previous sample's token
-    full = {k: v[:1] for k, v in batch.items()}
-    assert pack_batch(full) is None  # no padding: nothing to gain
+    full = pack_batch({k: v[:1] for k, v in batch.items()})  # no padding: packed all the same (one sample)
+    assert full["cu_seq_lens_q"].tolist() == [0, 12]
     left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
     assert pack_batch(left) is None  # left padding: positions would differ
     assert pack_batch({**batch, "token_type_ids": batch["input_ids"]}) is None
@@ -147,3 +147,40 @@ def test_bench_flop_formula_matches_torch_flop_counter(tiny_llama_dir, method, f
                   if op.__name__.split(".")[0] in ("mm", "addmm"))
     keep = int((batch["labels"][:, 1:] != -100).sum())
     assert step_flops(list(uses.values()), batch["input_ids"].numel(), keep) == counted
+
+
+def test_generation_casts_weights_once_with_the_same_answers(tiny_llama_dir, tiny_tokenizer):
+    """Under bf16 autocast, bf16 weight copies held for the whole call give exactly autocast's answers."""
+    from tunelab.generation import generate_batched
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    params = {name: p for name, p in model.named_parameters()}
+    prompts = [tiny_tokenizer.encode(t) for t in ("Hello, how are", "你好", "The quick brown fox jumps")]
+    kwargs = {"do_sample": False, "max_new_tokens": 12}
+    answers = {once: generate_batched(model, tiny_tokenizer, prompts, kwargs, batch_size=2, progress=False,
+                                      autocast_dtype=torch.bfloat16, cast_weights_once=once)
+               for once in (False, True)}
+    assert answers[True] == answers[False]
+    assert all(p is params[name] for name, p in model.named_parameters())  # originals back, fp32
+    assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+
+
+def test_tcmalloc_reexec_guard(monkeypatch):
+    """The re-exec proposed for the `tunelab` entry: once, with LD_PRELOAD; never under TUNELAB_ALLOCATOR=system."""
+    import bench.allocator as allocator
+
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
+    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
+    allocator.reexec_with_tcmalloc()
+    assert calls == []
+    monkeypatch.delenv("TUNELAB_ALLOCATOR")
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    allocator.reexec_with_tcmalloc()
+    (path, argv, env), = calls
+    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4 libother.so"
+    monkeypatch.setenv("LD_PRELOAD", env["LD_PRELOAD"])  # the re-executed process: no second exec
+    allocator.reexec_with_tcmalloc()
+    assert len(calls) == 1

@@ -7,6 +7,9 @@ tunelab checkpoint on a data set with the 2023 study's metrics, plus response-to
 Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss,
 eval_perplexity), generated_predictions.jsonl for predict, and retention.json with --compare_base.
 The method, targets, template and source_prefix of a checkpoint are read from its run files.
+
+Under `torchrun` / `accelerate launch` every rank loads the model, scores its share of the samples
+(tunelab/distributed.py) and the answers are gathered back in data-set order; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab import distributed
 from tunelab.hparams import Args
 
 logger = logging.getLogger(__name__)
@@ -54,14 +58,23 @@ def autocast(args: Args):
 
 
 def response_loss(model, dataset, tokenizer, batch_size: int, args: Args) -> float:
-    """Mean cross-entropy over response tokens, token-weighted over the whole set."""
+    """Mean cross-entropy over response tokens, token-weighted over the whole set (each rank sums its
+    shard; the sums are added up across ranks)."""
+    rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
+    mine = [rows[i] for i in distributed.my_shard(len(rows))]
+    sums = distributed.all_gather(_loss_sums(model, mine, tokenizer, batch_size, args))
+    total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
+    return total / max(count, 1)
+
+
+def _loss_sums(model, rows: list[dict], tokenizer, batch_size: int, args: Args) -> tuple[float, int]:
+    """(summed response-token cross-entropy, response-token count) over `rows`."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
     from tunelab.trainer import supervised_loss
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
     total, count = 0.0, 0
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast(args):
@@ -70,17 +83,21 @@ def response_loss(model, dataset, tokenizer, batch_size: int, args: Args) -> flo
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(supervised_loss(model, batch)) * n
             count += n
-    return total / max(count, 1)
+    return total, count
 
 
 def predict(model, tokenizer, dataset, args: Args) -> list[str]:
+    """The generated answer to every sample, in data-set order (each rank generates its shard)."""
     from tunelab.generation import generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
     kwargs = generation_kwargs(args.generation, tokenizer)
+    prompts = list(dataset["input_ids"])
+    mine = [prompts[i] for i in distributed.my_shard(len(prompts))]
     with autocast(args):
-        return generate_batched(model, tokenizer, list(dataset["input_ids"]), kwargs,
-                                batch_size=args.training.per_device_eval_batch_size, seed=args.training.seed)
+        answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
+                                   seed=args.training.seed, progress=distributed.is_main())
+    return distributed.gather_in_order(answers, len(prompts))
 
 
 def score(model, tokenizer, dataset, args: Args, generate: bool) -> tuple[dict[str, float], list[str] | None]:
@@ -122,26 +139,41 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
 
     out = runinfo.check_output_dir(args)
     resolve_precision(args)
+    device = distributed.setup(args)
+    distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
     model, tokenizer, base_path, ckpts = load_base(args)
     inherit_from_checkpoint(args, ckpts)
-    dataset = build_dataset(args.data, tokenizer, "eval")
+    with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
+        dataset = build_dataset(args.data, tokenizer, "eval")
     model, meta = methods.load_checkpoints(model, ckpts, merge=True)
-    model.eval()
+    model.to(device).eval()
     generate = stage == "predict" or args.training.predict_with_generate
     metrics, preds = score(model, tokenizer, dataset, args, generate)
-    runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
-    if preds is not None and stage == "predict":
+    main = distributed.is_main()
+    if main:
+        runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
+    if main and preds is not None and stage == "predict":
         write_predictions(out / PREDICTIONS_FILE, dataset, preds)
     if args.generation.compare_base and generate and ckpts:
-        from tunelab.retention import write_retention
-
-        del model
-        write_retention(out, metrics, args, base_path, dataset)
+        del model  # free the tuned model before the base model loads
+        _compare_base(out, metrics, args, base_path, dataset)
     results = {f"{stage}_{k}": v for k, v in metrics.items()}
-    _save_results(out, stage, results)
-    for key, value in results.items():
-        print(f"  {key:<28} = {value}")
+    if main:
+        _save_results(out, stage, results)
+        for key, value in results.items():
+            print(f"  {key:<28} = {value}")
     return results
+
+
+def _compare_base(out: Path, metrics: dict[str, float], args: Args, base_path: str, dataset) -> None:
+    """retention.json from rank 0; the other ranks still score their shards of the base model (the
+    scoring is collective), leaving only the shared base-predictions cache behind."""
+    from tunelab.retention import base_metrics, write_retention
+
+    if distributed.is_main():
+        write_retention(out, metrics, args, base_path, dataset)
+    else:
+        base_metrics(args, base_path, dataset)
 
 
 def _save_results(out: Path, stage: str, results: dict[str, Any]) -> None:

@@ -159,22 +159,24 @@ def prepare_model(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module,
 
 # ---- saving and loading what a method trained ----
 
-def save_trainable(model: nn.Module, out_dir: str | Path, info: MethodInfo, base_model: str) -> None:
-    """Write the method's weights (safetensors) and tunelab_method.json into out_dir."""
+def save_trainable(model: nn.Module, out_dir: str | Path, info: MethodInfo, base_model: str,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the method's weights (safetensors) and tunelab_method.json into out_dir. `state_dict`, when
+    given, is the model's full gathered state (DeepSpeed ZeRO-3 / FSDP) and is used instead of the model's."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = info.finetuning_type
-    if kind == "lora":
-        model.save_pretrained(out, safe_serialization=True)
+    if kind in ("lora", "full"):
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     elif kind == "p_tuning":
-        model.save_prefix(out)
+        model.save_prefix(out, state_dict=state_dict)
     elif kind == "freeze":
-        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        source = state_dict if state_dict is not None else dict(model.named_parameters())
+        weights = {n: source[n].detach().contiguous().cpu() for n in trainable}
         save_file(weights, str(out / FREEZE_WEIGHTS), metadata={"format": "pt"})
-    elif kind == "full":
-        model.save_pretrained(out, safe_serialization=True)
     meta = {**info.to_dict(), "base_model": base_model}
     (out / METHOD_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 

@@ -250,9 +250,12 @@ class PrefixModel(nn.Module):
         return self.base.generate(input_ids=input_ids, attention_mask=self.extend_mask(attention_mask), **kwargs)
 
     # -- saving --
-    def prefix_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights and its anchor: all a checkpoint needs besides the base model."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+    def prefix_state_dict(self, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The encoder's weights and its anchor: all a checkpoint needs besides the base model. `full` is
+        this whole module's gathered state_dict (ZeRO-3 / FSDP), from which the encoder part is taken."""
+        own = self.encoder.state_dict() if full is None else {
+            k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+        return {k: v.detach().cpu().contiguous() for k, v in own.items()}
 
     def load_prefix_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         own = self.encoder.state_dict()
@@ -269,13 +272,13 @@ class PrefixModel(nn.Module):
                 "num_layers": self.num_layers, "kv_dim": self.kv_dim, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "init_token_id": self.init_token_id}
 
-    def save_prefix(self, out_dir: str | Path) -> None:
+    def save_prefix(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write prefix_encoder.safetensors and prefix_config.json into out_dir."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.prefix_state_dict(), str(out / PREFIX_WEIGHTS), metadata={"format": "pt"})
+        save_file(self.prefix_state_dict(state_dict), str(out / PREFIX_WEIGHTS), metadata={"format": "pt"})
         (out / PREFIX_CONFIG).write_text(json.dumps(self.prefix_config(), indent=2), encoding="utf-8")
 
 

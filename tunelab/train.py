@@ -7,6 +7,10 @@
 
 Training reads top to bottom in `run_train`: check options -> tokenizer + data -> model -> method ->
 the shared trainer -> outputs. Eval and predict live in tunelab/evaluate.py.
+
+Launched by `torchrun` / `accelerate launch` (tunelab/distributed.py) the same code trains data-parallel:
+HF's Trainer runs DDP, DeepSpeed (`--deepspeed examples/deepspeed/zero2.json`) or FSDP (an accelerate
+config); only rank 0 writes the run files, results and plot.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tunelab import distributed
 from tunelab.hparams import Args, TunelabError, check_stage, parse_args
 
 logger = logging.getLogger(__name__)
@@ -125,7 +130,7 @@ def load_base(args: Args):
 
 
 def run_train(args: Args) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq
+    from transformers import DataCollatorForSeq2Seq, set_seed
 
     from tunelab import methods, runinfo
     from tunelab.preprocess import build_dataset
@@ -136,15 +141,19 @@ def run_train(args: Args) -> dict[str, Any]:
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     prepare_training_args(args)
+    distributed.setup(args)
+    distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
     model, tokenizer, base_path, ckpts = load_base(args)
     tokenizer.padding_side = "right"
-    dataset = build_dataset(args.data, tokenizer, "train")
+    with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
+        dataset = build_dataset(args.data, tokenizer, "train")
     if ckpts:  # continue from earlier checkpoints: their weights become part of the base
         model, _ = methods.load_checkpoints(model, ckpts, merge=True)
+    set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
     model, info = methods.prepare_model(model, args.finetune)
-    print(info.summary(), flush=True)
-
-    runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
+    if distributed.is_main():
+        print(info.summary(), flush=True)
+        runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
     trainer = TunelabTrainer(
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
@@ -155,7 +164,7 @@ def run_train(args: Args) -> dict[str, Any]:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    if args.finetune.plot_loss and trainer.is_world_process_zero():
+    if args.finetune.plot_loss and distributed.is_main():
         from tunelab.plotting import plot_loss
 
         plot_loss(out)

@@ -65,11 +65,12 @@ def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     position_ids restart at 0 for every sample (as in the padded batch) and `cu_seq_lens_q` (transformers'
     name for sample boundaries, [B + 1] cumulative lengths) tells packed_attention where samples end. Each
     sample's first label becomes -100: in the packed row the token before it belongs to the previous
-    sample (the padded batch never predicts a first token either). None when packing gains nothing (no
-    padding) or cannot be exact (left padding, other inputs).
+    sample (the padded batch never predicts a first token either). Batches without padding are packed too
+    (packed_attention's CPU path is faster than SDPA's). None when packing cannot be exact (left padding,
+    inputs other than ids, mask and labels).
     """
     mask = inputs.get("attention_mask")
-    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or bool(mask.all()):
+    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"}:
         return None
     mask = mask.bool()
     lengths = mask.sum(1)
@@ -85,20 +86,40 @@ def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
-    """SDPA per sample of a packed row ([1, heads, N, head_dim], bounds in kwargs["cu_seq_lens_q"]);
-    exactly transformers' SDPA attention when there are no bounds (unpacked batches, generation)."""
+    """Causal attention inside each sample of a packed row ([1, heads, N, head_dim], bounds in
+    kwargs["cu_seq_lens_q"]); exactly transformers' SDPA attention when there are no bounds (unpacked
+    batches, generation)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
     bounds = bounds.tolist()
-    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                              is_causal=True, scale=scaling, enable_gqa=gqa)
+    attend = _matmul_attention if query.device.type == "cpu" else _sdpa_attention
+    outputs = [attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, dropout)
                for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim] like SDPA's
+
+
+def _sdpa_attention(query, key, value, scaling, dropout):
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _matmul_attention(query, key, value, scaling, dropout):
+    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention).
+    Why by hand: on CPU, SDPA's flash kernel runs forward+backward of SmolLM2's 8 x ~200-token samples
+    ~1.4x slower than this (bench/README.md); the price is the [heads, L, L] probabilities kept for backward."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    length = query.shape[2]
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    value = repeat_kv(value, query.shape[1] // value.shape[1])
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), value)
 
 
 def enable_packed_attention(model) -> str | None:
@@ -157,7 +178,8 @@ class TunelabTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        methods.save_trainable(model, output_dir, self.method_info, self.base_model)
+        # ZeRO-3 / FSDP hand over the gathered full state_dict; the unwrapped model's own tensors are shards
+        methods.save_trainable(model, output_dir, self.method_info, self.base_model, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         Path(output_dir, "tunelab_args.json").write_text(json.dumps(self.run_args, indent=2), encoding="utf-8")
@@ -207,6 +229,7 @@ class TunelabTrainer(Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         from safetensors.torch import save_file
 
+        os.makedirs(output_dir, exist_ok=True)  # under DDP a rank can get here before rank 0 made the folder
         tensors = {"cpu": torch.random.get_rng_state()}
         if torch.cuda.is_available():
             for i, state in enumerate(torch.cuda.get_rng_state_all()):

@@ -2,11 +2,14 @@
 
     tunelab study SPEC.yaml [--scale quick|full] [--output_dir DIR] [--workers N] [--devices cuda:0,cuda:1]
                             [--rows 0,1,5] [--set option=value ...] [--dry-run]
+    tunelab study SPEC.yaml --executor slurm --partition gpu --rows_per_gpu 3 --time 4:00:00
+    tunelab study SPEC.yaml --executor ray [--ray_address auto] [--gpus_per_row 1]
     tunelab study STUDY_DIR                  # resume it with its own spec.yaml and scale
     tunelab study STUDY_DIR --report-only    # rebuild report.md / report.html / results.csv
 
 The study dir defaults to runs/<name> for the spec's default scale and runs/<name>_<scale> for another
 scale, so a quick and a full study never mix. Exit code 0 when every row is done, 1 when some failed.
+Executors (tunelab/study/executors.py) write the same row dirs, so any of them resumes any study.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.study import executors
 
 PLAN_FILE = "plan.json"
 
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --set target_match=legacy (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded plan and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report of a study dir")
+    executors.add_arguments(p)
     return p
 
 
@@ -126,15 +131,14 @@ def main(argv: list[str]) -> int:
     all_plans = expand(spec, scale, study_dir)  # plan.json and the report cover every row, run now or not
     plans = select_rows(all_plans, _parse_ids(ns.rows)) if ns.rows else all_plans
     validate_plans(plans)
+    executor = executors.from_args(ns, study_dir)  # bad executor options fail before anything runs
     if ns.dry_run:
         print_plan(plans, study_dir, scale)
         return 0
-    devices = [d.strip() for d in ns.devices.split(",")] if ns.devices else None
-    workers = max(ns.workers, 1) if not devices or ns.workers > 1 else len(devices)
     runner.check_resumable(all_plans, study_dir)  # before plan.json of an earlier study is overwritten
     runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides), text if Path(ns.spec).is_file() else None)
     try:
-        records = runner.run_study(plans, study_dir, workers=workers, devices=devices)
+        records = runner.run_study(plans, study_dir, executor=executor)
     except KeyboardInterrupt:
         print(f"\ninterrupted: `tunelab study {study_dir}` continues where it stopped", file=sys.stderr)
         return 130

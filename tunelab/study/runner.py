@@ -11,7 +11,9 @@
 A finished row is never redone: a rerun skips rows whose row.json says done, and inside an unfinished
 row skips stages whose results file exists. A half-finished training stage resumes from its newest
 `checkpoint-*` folder, otherwise it restarts clean. A failed row records its error and the study goes on.
-`workers > 1` runs rows in parallel processes, one device each when devices are given.
+`workers > 1` runs rows in parallel processes, one device each when devices are given. Slurm and Ray
+(tunelab/study/executors.py) run the same `run_row` on other machines, so every executor leaves the
+same files and any of them can resume a study another one started.
 
 `run_fn(args) -> metrics` runs one stage; the default is `tunelab.train.run`, imported only when a row
 runs, so this module imports without torch and tests pass a fake.
@@ -250,21 +252,33 @@ def _fmt_time(seconds: float) -> str:
 
 
 def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None = None, workers: int = 1,
-              devices: list[str] | None = None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run every plan not yet done (base row first); returns the row records in plan order."""
+              devices: list[str] | None = None, log: Callable[[str], None] | None = None,
+              executor=None) -> list[dict[str, Any]]:
+    """Run every plan not yet done (base row first); returns the row records in plan order. `executor`
+    (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes."""
     study_dir = Path(study_dir)
     log = log or _study_logger(study_dir)
     check_resumable(plans, study_dir)
     todo = [p for p in plans if read_row(study_dir / p.dir).get("status") != "done"]
+    where = executor.describe() if executor is not None else (f"{workers} workers" if workers > 1 else "")
     log(f"study {study_dir}: {len(plans)} rows, {len(plans) - len(todo)} already done, {len(todo)} to run"
-        + (f" on {workers} workers" if workers > 1 else ""))
-    progress = Progress(len(todo), workers, log)
+        + (f" on {where}" if where else ""))
+    progress = Progress(len(todo), executor.parallelism(len(todo)) if executor is not None else workers, log)
+    if executor is not None:
+        executor.run(todo, study_dir, run_fn, progress.update)
+    else:
+        run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+    return [read_row(study_dir / p.dir) for p in plans]
+
+
+def run_rows(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, workers: int, devices: list[str] | None,
+             on_done: Callable[[RowPlan, dict[str, Any]], None]) -> None:
+    """Run `todo` on this machine, one at a time or on `workers` processes; on_done(plan, record) per row."""
     if workers <= 1 or len(todo) <= 1:
         for plan in todo:
-            progress.update(plan, run_row(plan, study_dir, run_fn))
+            on_done(plan, run_row(plan, study_dir, run_fn))
     else:
-        _run_parallel(todo, study_dir, run_fn, workers, devices, progress)
-    return [read_row(study_dir / p.dir) for p in plans]
+        _run_parallel(todo, study_dir, run_fn, workers, devices, on_done)
 
 
 def _study_logger(study_dir: Path) -> Callable[[str], None]:
@@ -293,15 +307,20 @@ def _init_worker(queue, threads: int) -> None:
         os.environ.setdefault(var, str(threads))
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on: a Slurm job or a taskset sees fewer than os.cpu_count()."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _run_parallel(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, workers: int,
-                  devices: list[str] | None, progress: Progress) -> None:
+                  devices: list[str] | None, on_done: Callable[[RowPlan, dict[str, Any]], None]) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch/CUDA state
     queue = ctx.Queue()
     for device in worker_devices(workers, devices):
         queue.put(device)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, _usable_cpus() // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads)) as pool:
         pending: dict[Future, RowPlan] = {pool.submit(run_row, p, study_dir, run_fn): p for p in todo}
         try:
@@ -309,7 +328,7 @@ def _run_parallel(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, wo
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     plan = pending.pop(future)
-                    progress.update(plan, _result(future, plan, study_dir))
+                    on_done(plan, _result(future, plan, study_dir))
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -320,7 +339,15 @@ def _result(future: Future, plan: RowPlan, study_dir: Path) -> dict[str, Any]:
     try:
         return future.result()
     except Exception as err:
-        error = f"worker died: {type(err).__name__}: {err}"
-        record = {**read_row(study_dir / plan.dir), "status": "failed", "error": error}
-        _write_json(study_dir / plan.dir / ROW_FILE, record)
+        return mark_lost(plan, study_dir, f"worker died: {type(err).__name__}: {err}")
+
+
+def mark_lost(plan: RowPlan, study_dir: Path, error: str) -> dict[str, Any]:
+    """Record a row whose process was lost (killed, out of memory, a cluster job that died) as failed,
+    unless its row.json says it finished before that; returns the row record."""
+    record = read_row(study_dir / plan.dir)
+    if record.get("status") == "done":
         return record
+    record = {**record, "status": "failed", "error": error}
+    _write_json(study_dir / plan.dir / ROW_FILE, record)
+    return record

@@ -1,0 +1,117 @@
+"""Generation throughput: greedy answers to 100 alpaca_gpt4_en prompts, batch 1 against the default batch.
+
+    python -m bench.generate                  # 100 prompts, 64 new tokens at most, batch 1 vs 8 (~6 min, 2 cores)
+    python -m bench.generate --quick          # 16 prompts, 32 new tokens
+    python -m bench.generate --batch-sizes 1,8,16 --max-new-tokens 128
+
+Each batch size runs in its own subprocess through tunelab's own eval path: prompts from
+`tunelab.preprocess.build_dataset(..., "eval")` (the model's chat template), `tunelab.generation` greedy
+kwargs, `generate_batched` (length-sorted, left-padded batches with a KV cache) under the precision
+`tunelab eval` resolves (bf16 autocast on CPUs with fast bf16). Printed per batch size: samples/s, new
+tokens/s (each answer re-tokenized, eos excluded), peak RSS, the speed-up over batch 1, and how many
+answers are identical to batch 1's (greedy answers can differ by float noise of the padded batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_OUT, REPO, emit, machine, peak_rss_mb, run_worker, speed_probe, write_json
+
+
+def generate(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from tunelab.evaluate import autocast
+    from tunelab.generation import generate_batched, generation_kwargs
+    from tunelab.hparams import parse_args
+    from tunelab.model import load_model_and_tokenizer
+    from tunelab.preprocess import build_dataset
+    from tunelab.train import resolve_precision
+
+    args = parse_args(["--do_predict", "--output_dir", str(REPO / "runs" / "bench" / "unused"), "--dataset",
+                       "alpaca_gpt4_en", "--dataset_dir", str(REPO / "data"), "--max_samples", str(cfg["samples"]),
+                       "--max_new_tokens", str(cfg["max_new_tokens"]), "--use_cpu", str(not torch.cuda.is_available())])
+    resolve_precision(args)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model)
+    model.eval()
+    tokenizer.padding_side = "left"
+    prompts = list(build_dataset(args.data, tokenizer, "eval")["input_ids"])
+    kwargs = generation_kwargs(args.generation, tokenizer)
+    start = time.perf_counter()
+    with autocast(args):
+        answers = generate_batched(model, tokenizer, prompts, kwargs, batch_size=cfg["batch"], progress=False,
+                                   cast_weights_once=cfg.get("cast_weights_once", True))
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers)
+    return {"seconds": seconds, "samples": len(prompts), "new_tokens": new_tokens, "answers": answers,
+            "prompt_tokens": sum(map(len, prompts)), "bf16": args.training.bf16, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker(cfg: dict[str, Any]) -> None:
+    from bench.allocator import active_allocator, reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
+    before = speed_probe()
+    result = generate(cfg)
+    emit({**cfg, **result, "allocator": active_allocator(), "probe_gflops": [before, speed_probe()]})
+
+
+def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    print(f"\n{info['date']}  {info['cpu']}, {info['cores']} cores, torch {info['torch']}; greedy, "
+          f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
+    head = f"{'batch':>6}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x batch 1':>11}{'same as b1':>12}" \
+           f"{'RSS MB':>8}{'probe':>7}"
+    print(head + "\n" + "-" * len(head))
+    one = next((r for r in results if r["batch"] == 1 and r["cast_weights_once"] and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            print(f"{r['batch']:>6} ERROR {r['error']}\n{r['log_tail']}")
+            continue
+        same = sum(a == b for a, b in zip(r["answers"], one["answers"])) if one else 0
+        speed = (r["new_tokens"] / r["seconds"]) / (one["new_tokens"] / one["seconds"]) if one else float("nan")
+        same_text = f"{same}/{r['samples']}"
+        print(f"{r['batch']:>6}{'once' if r['cast_weights_once'] else 'call':>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
+              f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>11.2f}{same_text:>12}"
+              f"{r['peak_rss_mb']:>8.0f}{sum(r['probe_gflops']) / 2:>7.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 prompts, 32 new tokens")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8", help="comma list; 8 is tunelab's default eval batch")
+    parser.add_argument("--ab", action="store_true",
+                        help="also run every batch size without casting the weights once (autocast per call)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    if args.quick:
+        args.samples, args.max_new_tokens = min(args.samples, 16), min(args.max_new_tokens, 32)
+    info = machine()
+    results = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for once in ((True, False) if args.ab else (True,)):
+            cfg = {"batch": batch, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+                   "cast_weights_once": once}
+            results.append(run_worker("bench.generate", cfg, env={"TUNELAB_ALLOCATOR": "tcmalloc"}))
+            r = results[-1]
+            print(f"  batch {batch}{'' if once else ' (autocast per call)'}: "
+                  + (f"{r['seconds']:.1f} s" if "error" not in r else r["error"]), flush=True)
+    print_table(results, info)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(args.out / f"generate-{stamp}.json", {"machine": info, "results": results, "argv": argv})
+    print(f"\nraw results: {args.out / f'generate-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
