@@ -140,7 +140,7 @@ def plan(args) -> list[dict[str, Any]]:
             rows.append({**base, "name": name, "kind": "tunelab", "flags": flags, "allocator": "tcmalloc"})
         rows.insert(2, {**rows[1], "name": f"{TARGET}_system", "allocator": "system"})
         rows.insert(3, {**rows[0], "name": "baseline_tcmalloc", "allocator": "tcmalloc"})
-    if args.quick:
+    if args.quick and not args.only:
         rows = [r for r in rows if r["name"] in ("baseline", TARGET, "lora_qkv_last3")]
     if args.only:
         wanted = args.only.split(",")
