@@ -5,10 +5,10 @@ every step. glibc malloc serves blocks above its mmap threshold with fresh mmap(
 page faults and zeroing again; tcmalloc keeps the freed memory and hands it back. bench.train measures
 the difference (the `allocator` rows). LD_PRELOAD only works at process start, hence the re-exec.
 
-This is the function proposed for tunelab/cli.py (called first thing in `main()` when it runs as the
-console entry, i.e. `argv is None`, never when tests call `main([...])`); bench workers use it as is.
-`TUNELAB_ALLOCATOR=system` turns it off; nothing happens where libtcmalloc_minimal.so.4 is absent
-(`apt-get install libtcmalloc-minimal4`, scripts/install.sh).
+The `tunelab` console entry does the same (tunelab/cli.py: `entry`); this copy re-executes bench
+workers (`python -m bench.train --worker ...`), so the tunelab rows run as `tunelab train` would.
+`TUNELAB_ALLOCATOR=system` turns it off (the orchestrator's glibc rows); nothing happens where
+libtcmalloc_minimal.so.4 is absent (`apt-get install libtcmalloc-minimal4`, scripts/install.sh).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib/x86_64-linux-gnu")
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+             "/lib/x86_64-linux-gnu")
 
 
 def find_tcmalloc() -> str | None:

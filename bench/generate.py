@@ -1,6 +1,7 @@
 """Generation throughput: greedy answers to 100 alpaca_gpt4_en prompts, batch 1 against the default batch.
 
-    python -m bench.generate                  # 100 prompts, 64 new tokens at most, batch 1 vs 8 (~6 min, 2 cores)
+    python -m bench.generate                  # 100 prompts, <= 64 new tokens, batch 1 vs 8 (~2.5 min, 2 cores)
+    python -m bench.generate --ab             # also without casting the weights once (autocast per call)
     python -m bench.generate --quick          # 16 prompts, 32 new tokens
     python -m bench.generate --batch-sizes 1,8,16 --max-new-tokens 128
 
@@ -35,7 +36,8 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
 
     args = parse_args(["--do_predict", "--output_dir", str(REPO / "runs" / "bench" / "unused"), "--dataset",
                        "alpaca_gpt4_en", "--dataset_dir", str(REPO / "data"), "--max_samples", str(cfg["samples"]),
-                       "--max_new_tokens", str(cfg["max_new_tokens"]), "--use_cpu", str(not torch.cuda.is_available())])
+                       "--max_new_tokens", str(cfg["max_new_tokens"]), "--use_cpu", str(not torch.cuda.is_available()),
+                       *(["--bf16", "false"] if cfg.get("fp32") else [])])
     resolve_precision(args)
     model, tokenizer, _ = load_model_and_tokenizer(args.model)
     model.eval()
@@ -64,7 +66,8 @@ def worker(cfg: dict[str, Any]) -> None:
 def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
     print(f"\n{info['date']}  {info['cpu']}, {info['cores']} cores, torch {info['torch']}; greedy, "
           f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
-    head = f"{'batch':>6}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x batch 1':>11}{'same as b1':>12}" \
+    head = f"{'batch':>6}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x batch 1':>11}" \
+           f"{'same as b1':>12}" \
            f"{'RSS MB':>8}{'probe':>7}"
     print(head + "\n" + "-" * len(head))
     one = next((r for r in results if r["batch"] == 1 and r["cast_weights_once"] and "error" not in r), None)
@@ -75,7 +78,8 @@ def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
         same = sum(a == b for a, b in zip(r["answers"], one["answers"])) if one else 0
         speed = (r["new_tokens"] / r["seconds"]) / (one["new_tokens"] / one["seconds"]) if one else float("nan")
         same_text = f"{same}/{r['samples']}"
-        print(f"{r['batch']:>6}{'once' if r['cast_weights_once'] else 'call':>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
+        cast = "once" if r["cast_weights_once"] else "call"
+        print(f"{r['batch']:>6}{cast:>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
               f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>11.2f}{same_text:>12}"
               f"{r['peak_rss_mb']:>8.0f}{sum(r['probe_gflops']) / 2:>7.0f}")
 
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,8", help="comma list; 8 is tunelab's default eval batch")
     parser.add_argument("--ab", action="store_true",
                         help="also run every batch size without casting the weights once (autocast per call)")
+    parser.add_argument("--fp32", action="store_true", help="fp32 instead of the resolved precision (bf16 autocast)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for once in ((True, False) if args.ab else (True,)):
             cfg = {"batch": batch, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                   "cast_weights_once": once}
+                   "cast_weights_once": once, "fp32": args.fp32}
             results.append(run_worker("bench.generate", cfg, env={"TUNELAB_ALLOCATOR": "tcmalloc"}))
             r = results[-1]
             print(f"  batch {batch}{'' if once else ' (autocast per call)'}: "

@@ -1,22 +1,24 @@
 """Training throughput of every tunelab method next to a plain transformers Trainer + peft baseline.
 
-    python -m bench.train                 # the method table + baseline, ~10 min on 2 CPU cores
-    python -m bench.train --quick         # smoke run: 2 methods + baseline, 3 steps each, ~3 min
-    python -m bench.train --ab            # speed-up candidates one by one on LoRA q,v (all layers)
+    python -m bench.train                 # the method table + baseline, ~4 min on 2 idle CPU cores
+    python -m bench.train --quick         # smoke run: 2 methods + baseline, 1 + 2 steps each, ~1 min
+    python -m bench.train --ab            # speed-up candidates one by one on LoRA q,v (all layers), ~10 min
     python -m bench.train --repeats 3 --only lora_qv_all,baseline     # a tighter A/B of two rows
+    python -m bench.train --workload full256                          # rows of exactly 256 tokens
 
-Workload (bench.common.Workload): SmolLM2-135M-Instruct, batch 8 x 256-token alpaca_gpt4_en rows through
-the model's chat template (prompt masked), bf16 autocast on CPUs with fast bf16, learning rate 1e-4, seed 0;
-each configuration trains `warmup + steps` optimizer steps in its own subprocess and the first `warmup`
-steps are not measured. Printed per row: tokens/s (real non-pad tokens), samples/s, MFU against the bf16
-and the fp32 matmul peak measured at the start of the same run (bench.matmul; FLOP formula in
-bench.common), peak RSS of the process, and the ratio to the baseline row. Per-step rates are pooled over
-repeats and the median is printed; all raw numbers go to runs/bench/train-<time>.json.
+Workload (bench.common.Workload): SmolLM2-135M-Instruct, batch 8, alpaca_gpt4_en rows through the model's
+chat template (prompt masked) cut at 256 tokens and padded per batch, bf16 autocast on CPUs with fast
+bf16, learning rate 1e-4, seed 0; each configuration trains `warmup + steps` optimizer steps in its own
+subprocess and the first `warmup` steps are not measured. Printed per row: tokens/s (real non-pad
+tokens), samples/s, model GFLOP/s and MFU against the bf16 and the fp32 matmul peak measured at the
+start and end of the same run (bench.matmul; FLOP formula in bench.common), peak RSS of the process, the
+ratios to the baseline row, and the row's speed probe. Per-step rates are pooled over repeats and the
+median is printed; all raw numbers go to runs/bench/train-<time>.json.
 
 tunelab rows run through tunelab's own pieces, in run_train's order: parse_args -> prepare_training_args
 -> load_base -> methods.prepare_model -> TunelabTrainer (data building and saving are left out: the
 rows are tokenized once for every configuration). tunelab rows use tcmalloc when it is installed (what
-the proposed `tunelab` console entry does, bench/allocator.py); the baseline runs with the system
+the `tunelab` console entry does, bench/allocator.py); the baseline runs with the system
 allocator as a plain script would, and `*_system` / `baseline_tcmalloc` rows show both sides of that.
 """
 
@@ -47,7 +49,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "system_malloc": {"allocator": "system", "why": "glibc malloc instead of tcmalloc"},
     "fp32": {"flags": ["--bf16", "false"], "why": "no bf16 autocast"},
     "adamw_foreach": {"flags": ["--optim", "adamw_torch"], "why": "foreach AdamW instead of the fused default"},
-    "eager_attention": {"variant": {"attn": "eager"}, "why": "eager attention instead of SDPA"},
+    "sdpa_segments": {"variant": {"sdpa_segments": True},
+                      "why": "packed samples through SDPA's CPU flash kernel instead of matmul attention"},
     "loader_worker": {"flags": ["--dataloader_num_workers", "1"], "why": "collate in a worker process"},
     "no_lora_dropout": {"flags": ["--lora_dropout", "0"], "why": "lora_dropout 0 (changes the method!)"},
     "torch_compile": {"flags": ["--torch_compile", "true"], "why": "torch.compile (inductor), padded batches"},
@@ -98,8 +101,10 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
         args = tunelab_args(cfg, out)
         prepare_training_args(args)
         model, tokenizer, base_path, _ = load_base(args)
-        if cfg["variant"].get("attn"):
-            model.set_attn_implementation(cfg["variant"]["attn"])
+        if cfg["variant"].get("sdpa_segments"):  # bench-only A/B switch, this process only
+            import tunelab.trainer
+
+            tunelab.trainer._matmul_attention = tunelab.trainer._sdpa_attention
         tokenizer.padding_side = "right"
         model, info = methods.prepare_model(model, args.finetune)
         dataset = load_rows(cfg["rows"], (cfg["warmup"] + cfg["steps"]) * cfg["batch"])

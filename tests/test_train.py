@@ -103,3 +103,13 @@ def test_cli_error_is_one_line(tiny_data_dir, capsys):
     assert main(["train", "--do_train", "--lora_targte", "qkv"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lora_target" in err
+
+
+def test_bf16_true_parses_on_a_cpu_machine(monkeypatch):
+    """transformers refuses --bf16 without a GPU unless --use_cpu is set: tunelab adds it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = parse_args(["--do_train", "--output_dir", "x", "--bf16", "true"])
+    assert args.training.bf16 and args.training.use_cpu
+    assert not parse_args(["--do_train", "--output_dir", "x", "--bf16", "false"]).training.bf16

@@ -1,6 +1,6 @@
 """`python -m tunelab ...` is the same as the `tunelab` console script."""
 
-from tunelab.cli import main
+from tunelab.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -59,7 +59,10 @@ def _tcmalloc_env(argv: list[str]) -> dict[str, str] | None:
     lib = ctypes.util.find_library("tcmalloc_minimal")
     if not lib or "tcmalloc" in preload:
         return None
-    return {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip(), "TUNELAB_ALLOCATOR": "tcmalloc"}
+    # the threshold: tcmalloc otherwise prints a line for every allocation over 1 GiB (a 49k-vocab logits tensor)
+    return {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip(), "TUNELAB_ALLOCATOR": "tcmalloc",
+            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": os.environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD",
+                                                                    str(1 << 40))}
 
 
 def entry() -> int:

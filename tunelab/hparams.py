@@ -195,6 +195,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         argv = config_to_argv(load_config_file(argv[0])) + argv[1:]
     if config:
         argv = config_to_argv(config) + argv
+    argv = _cpu_bf16(argv)
     model, data, finetune, generation, training, run, rest = build_parser().parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
     if rest:
@@ -205,6 +206,18 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     args = Args(model, data, finetune, generation, training, run, _explicit_names(argv))
     _apply_generation_preset(args)
     return args
+
+
+def _cpu_bf16(argv: list[str]) -> list[str]:
+    """transformers 5 refuses --bf16 without a GPU unless --use_cpu is set too: on a CPU-only machine add
+    it, so `--bf16 true` means bf16 autocast on the CPU (what tunelab picks by default on fast-bf16 CPUs)."""
+    import torch
+
+    if torch.cuda.is_available() or "--use_cpu" in argv or "--bf16" not in argv:
+        return argv
+    i = len(argv) - 1 - argv[::-1].index("--bf16")
+    value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+    return argv + ["--use_cpu", "true"] if value.lower() in ("true", "1", "yes") else argv
 
 
 def _apply_generation_preset(args: Args) -> None:

@@ -85,10 +85,6 @@ def cpu_has_fast_bf16() -> bool:
 
 def prepare_training_args(args: Args) -> None:
     """Settings every tunelab run needs from HF's TrainingArguments."""
-    import torch
-
-    if not torch.cuda.is_available():  # transformers 5 refuses bf16 without a GPU unless use_cpu is set
-        args.training = dataclasses.replace(args.training, use_cpu=True)
     resolve_precision(args)
     args.training = dataclasses.replace(
         args.training,

@@ -8,7 +8,9 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
 - padding-free batches: a right-padded batch runs as one row holding its samples back to back
   (`pack_batch`), with attention kept inside each sample (`packed_attention`, registered through
   transformers' public AttentionInterface). Same samples, same order, same targets, so the same loss up
-  to float noise — minus the FLOPs spent on padding (tests/test_speed.py, numbers in bench/);
+  to float noise — minus the FLOPs spent on padding (tests/test_speed.py; 1.5x tokens/s on alpaca rows
+  cut at 256 tokens, bench/README.md). With LoRA dropout the random masks are drawn over the packed
+  tensor, so a seeded run draws different (equally distributed) masks than a padded one would;
 - saving: weights through `methods.save_trainable` (safetensors), and optimizer / scheduler / RNG / scaler
   state as safetensors + JSON instead of torch pickles, so no checkpoint file needs `torch.load`.
 DeepSpeed and FSDP keep their engines' own checkpoint formats (they own that state).
@@ -57,6 +59,7 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---- padding-free batches ----
 
 PACKED_ATTENTION = "tunelab_packed"  # the name packed_attention is registered under in transformers
+MATMUL_ATTENTION_MAX_LEN = 256  # longer samples go through SDPA (memory O(L), not O(L^2)), see _matmul_attention
 
 
 def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -65,12 +68,12 @@ def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     position_ids restart at 0 for every sample (as in the padded batch) and `cu_seq_lens_q` (transformers'
     name for sample boundaries, [B + 1] cumulative lengths) tells packed_attention where samples end. Each
     sample's first label becomes -100: in the packed row the token before it belongs to the previous
-    sample (the padded batch never predicts a first token either). Batches without padding are packed too
-    (packed_attention's CPU path is faster than SDPA's). None when packing cannot be exact (left padding,
-    inputs other than ids, mask and labels).
+    sample (the padded batch never predicts a first token either). None when packing gains nothing (no
+    padding: SDPA on the dense batch is as fast and needs less memory, bench/README.md) or cannot be
+    exact (left padding, inputs other than ids, mask and labels).
     """
     mask = inputs.get("attention_mask")
-    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"}:
+    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or bool(mask.all()):
         return None
     mask = mask.bool()
     lengths = mask.sum(1)
@@ -96,8 +99,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     bounds = bounds.tolist()
-    attend = _matmul_attention if query.device.type == "cpu" else _sdpa_attention
-    outputs = [attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, dropout)
+    cpu = query.device.type == "cpu"
+    outputs = [(_matmul_attention if cpu and e - s <= MATMUL_ATTENTION_MAX_LEN else _sdpa_attention)(
+               query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, dropout)
                for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim] like SDPA's
 
@@ -109,8 +113,9 @@ def _sdpa_attention(query, key, value, scaling, dropout):
 
 def _matmul_attention(query, key, value, scaling, dropout):
     """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention).
-    Why by hand: on CPU, SDPA's flash kernel runs forward+backward of SmolLM2's 8 x ~200-token samples
-    ~1.4x slower than this (bench/README.md); the price is the [heads, L, L] probabilities kept for backward."""
+    Why by hand: on CPU, SDPA's flash kernel makes a whole LoRA training step on SmolLM2 ~11% slower than
+    this for samples of <= 256 tokens (bench/README.md). The price is the [heads, L, L] probabilities kept
+    for backward (+0.65 GB there), hence only up to MATMUL_ATTENTION_MAX_LEN tokens per sample."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     length = query.shape[2]
