@@ -7,7 +7,8 @@ through the model's chat template, prompt masked with -100), same LoRA (r 8, alp
 q_proj and v_proj of every layer), same batch (8), learning rate, schedule and seed as the tunelab rows,
 bf16 autocast (`bf16=True`: the baseline's best precision on a CPU with fast bf16). Everything else is the
 Trainer's default: loss from `model(labels=...)` over every position, the default optimizer and data
-loader. Its allocator is whatever the process gets (glibc unless the orchestrator preloads tcmalloc).
+loader — except that rows go in file order (`train_sampling_strategy="sequential"`, in the tunelab rows
+too), so both sides train on the very same batches and their first-step losses can be compared. Its allocator is whatever the process gets (glibc unless the orchestrator preloads tcmalloc).
 bench.train runs it as a worker next to the tunelab configurations.
 """
 
@@ -42,7 +43,7 @@ def train(rows_path: str, steps: int, warmup: int, batch: int = 8, learning_rate
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
                                  learning_rate=learning_rate, bf16=bf16, use_cpu=not torch.cuda.is_available(),
-                                 save_strategy="no", report_to=[],
+                                 save_strategy="no", report_to=[], train_sampling_strategy="sequential",
                                  logging_steps=1, seed=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),

@@ -51,6 +51,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adamw_foreach": {"flags": ["--optim", "adamw_torch"], "why": "foreach AdamW instead of the fused default"},
     "sdpa_segments": {"variant": {"sdpa_segments": True},
                       "why": "packed samples through SDPA's CPU flash kernel instead of matmul attention"},
+    "per_call_casts": {"variant": {"per_call_casts": True},
+                       "why": "autocast re-casts the frozen fp32 weights at every forward (no cast-once)"},
+    "torch_dropout": {"variant": {"torch_dropout": True},
+                      "why": "nn.Dropout's bernoulli_ masks instead of torch.rand ones (LoRA dropout)"},
     "loader_worker": {"flags": ["--dataloader_num_workers", "1"], "why": "collate in a worker process"},
     "no_lora_dropout": {"flags": ["--lora_dropout", "0"], "why": "lora_dropout 0 (changes the method!)"},
     "torch_compile": {"flags": ["--torch_compile", "true"], "why": "torch.compile (inductor), padded batches"},
@@ -66,18 +70,27 @@ def tunelab_args(cfg: dict[str, Any], out: str):
 
     argv = ["--do_train", "--output_dir", out, "--per_device_train_batch_size", str(cfg["batch"]),
             "--max_steps", str(cfg["warmup"] + cfg["steps"]), "--learning_rate", "1e-4", "--seed", "0",
-            "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true", *cfg["flags"]]
+            "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--train_sampling_strategy", "sequential", *cfg["flags"]]  # the baseline's batches, in file order
     return parse_args(argv)
 
 
 def trainer_class(variant: dict[str, Any]):
     """TunelabTrainer itself, or for an A/B row a subclass with one of its speed-ups switched off."""
+    import torch
+
     from tunelab.trainer import TunelabTrainer, pack_batch, supervised_loss
 
-    if not (variant.get("full_logits") or variant.get("no_packing")):
+    if not any(variant.get(k) for k in ("full_logits", "no_packing", "per_call_casts", "torch_dropout")):
         return TunelabTrainer
 
     class VariantTrainer(TunelabTrainer):
+        def _frozen_weight_dtype(self):
+            return None if variant.get("per_call_casts") else super()._frozen_weight_dtype()
+
+        def _dropout_device(self):
+            return torch.device("meta") if variant.get("torch_dropout") else super()._dropout_device()
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             packed = None if variant.get("no_packing") or not self.packing else pack_batch(inputs)
             inputs = packed or inputs

@@ -112,7 +112,8 @@ def test_hub_and_script_entries_are_refused_offline(tmp_path, entry):
     ({"file_name": "a.json", "file_sha": "x"}, "unknown key 'file_sha': did you mean file_sha1"),
     ({"file_name": "a.json", "formatting": "sharegtp"}, "did you mean sharegpt"),
     ({"file_name": "a.json", "columns": {"promt": "instruction"}}, "unknown column role 'promt'"),
-    ({"file_name": "a.json", "rows": [0]}, r"rows must be \[start, end\]"),
+    ({"file_name": "a.json", "rows": [0]}, r"rows must be \[start, end\] or \[start, end, step\]"),
+    ({"file_name": "a.json", "rows": [0, None, 0]}, r"step > 0"),
 ])
 def test_bad_registry_entries_name_the_valid_choices(tmp_path, entry, message):
     d = make_data(tmp_path, {"a.json": rows(1)}, {"a": entry})
@@ -252,6 +253,8 @@ def test_rows_range_selects_before_max_samples(tmp_path):
                                                  "b": {"file_name": "a.json", "rows": [1, 3]}})
     assert [e.prompt for e in load(d, "a", max_samples=3)[0]] == ["q2", "q3", "q4"]
     assert [e.prompt for e in load(d, "b")[0]] == ["q1", "q2"]
+    d = make_data(tmp_path, {"a.json": rows(6)}, {"c": {"file_name": "a.json", "rows": [1, None, 2]}})
+    assert [e.prompt for e in load(d, "c", max_samples=2)[0]] == ["q1", "q3"]  # a spread, then the first n
 
 
 def test_alpaca_aux_set_is_the_rows_after_the_general_eval_rows():

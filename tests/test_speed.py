@@ -70,12 +70,12 @@ def _rows(vocab: int, n: int = 16):
     return rows
 
 
-def _train(trainer_cls, model, tokenizer, rows, out, **extra):
+def _train(trainer_cls, model, tokenizer, rows, out, training: dict | None = None, **extra):
     from datasets import Dataset
 
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-3,
                              logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
-                             remove_unused_columns=False, disable_tqdm=True)
+                             remove_unused_columns=False, disable_tqdm=True, **(training or {}))
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
                           **extra)

@@ -167,9 +167,13 @@ def test_unknown_scale_names_the_valid_ones():
 
 def test_scales_override_sizes():
     quick, full = _plans(SEED_SPECS[0], "quick"), _plans(SEED_SPECS[0], "full")
-    assert quick[5].train["max_samples"] == 32 and full[5].train["max_samples"] == 10000
+    assert quick[5].train["max_samples"] == 64 and full[5].train["max_samples"] == 10000
+    assert quick[5].train["dataset"] == "persona_chat_en_train_spread"
+    assert full[5].train["dataset"] == "persona_chat_en_train"
+    assert quick[6].train["dataset"] == "persona_chat_en_train_spread,alpaca_gpt4_en_aux"
     assert quick[5].train["learning_rate"] == 2e-4 and full[5].train["learning_rate"] == 1e-5
-    assert quick[5].evals["persona"]["max_samples"] == 24 and full[5].evals["persona"]["max_samples"] == 100
+    assert quick[5].evals["persona"]["max_samples"] == 48 and full[5].evals["persona"]["max_samples"] == 100
+    assert quick[5].evals["persona"]["dataset"] == "persona_chat_en_test_spread"
     assert quick[5].evals["general"]["max_new_tokens"] == 48 and full[5].evals["general"]["max_new_tokens"] == 256
     assert quick[5].train["max_source_length"] == quick[5].evals["persona"]["max_source_length"] == 256
     assert _plans(SEED_SPECS[0])[5].train == quick[5].train  # quick is the default scale

@@ -14,7 +14,7 @@ The registry uses the April-2023 ChatGLM-Efficient-Tuning schema, plus three opt
              "formatting": "alpaca" | "sharegpt",   # sharegpt: "columns": {"messages": "conversations"}
              "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                       "assistant_tag": "gpt", "system_tag": "system"},   # sharegpt only; auto-detected if absent
-             "rows": [start, end]}                  # only these rows of the file (a Python slice; null = open)
+             "rows": [start, end] | [start, end, step]}  # only these rows of the file (a Python slice; null = open)
 
 Behaviour kept from 2023: `max_samples` takes the first n rows of each data set before they are concatenated;
 rows with no prompt text or no response are skipped (counted in DataStats). Identity placeholders
@@ -144,9 +144,11 @@ def get_entry(info: dict[str, dict[str, Any]], name: str, dataset_dir: Path) -> 
         if tag not in TAG_KEYS:
             raise TunelabError(f"data set '{name}': unknown tag '{tag}': {closest(tag, TAG_KEYS)}")
     span = entry.get("rows")
-    if span is not None and not (isinstance(span, list) and len(span) == 2
-                                 and all(v is None or isinstance(v, int) for v in span)):
-        raise TunelabError(f"data set '{name}': rows must be [start, end] (integers or null), got {span!r}")
+    if span is not None and not (isinstance(span, list) and len(span) in (2, 3)
+                                 and all(v is None or isinstance(v, int) for v in span)
+                                 and (len(span) == 2 or span[2] is None or span[2] > 0)):
+        raise TunelabError(f"data set '{name}': rows must be [start, end] or [start, end, step] (integers or "
+                           f"null; step > 0), got {span!r}")
     return entry
 
 
@@ -313,8 +315,7 @@ def load_set(name: str, entry: dict[str, Any], dataset_dir: Path,
     check_sha1(path, entry.get("file_sha1"), name)
     rows = read_rows(path)
     columns = _columns(entry, rows, path)
-    start, end = entry.get("rows") or (None, None)
-    indexed = list(enumerate(rows))[start:end]
+    indexed = list(enumerate(rows))[slice(*(entry.get("rows") or (None, None)))]
     if data_args.max_samples is not None:
         indexed = indexed[:data_args.max_samples]
     examples, counts = [], SetCounts(loaded=len(indexed))

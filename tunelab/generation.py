@@ -5,7 +5,8 @@
     answers = generate_batched(model, tokenizer, prompt_ids, kwargs, batch_size=8, seed=42)
 
 Batching must not change the answers: greedy decoding of a prompt gives the same text alone or in a
-batch (tests/test_generation.py checks it against repeated full forward passes). What makes that hold:
+batch (tests/test_generation.py checks it against repeated full forward passes, in fp32; under bf16
+autocast a different batch shape rounds differently, so a near-tie can flip a token). What makes that hold:
   * left padding plus an attention mask, so every row's new tokens sit at the same position;
   * a per-prompt token budget: `max_length` is prompt + answer for *that* prompt, not for the padded
     batch (HF counts padding), so the batch runs to the largest budget and each answer is cut to its own;
@@ -156,48 +157,17 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def linear_weights_cast_once(model, device):
-    """Under autocast, hold every nn.Linear weight (and bias) in the autocast dtype for the whole block.
-
-    Why: autocast casts an fp32 weight to bf16 again at *every* call, and a decode step is one call per
-    layer for a single new token, so at small batches generation spends its time re-casting weights
-    (reading the fp32 model and writing a bf16 copy per token). Casting once gives the same numbers —
-    autocast would cast these exact tensors the same way — at the cost of one bf16 copy of the weights
-    while the block runs. The original parameters (tied embeddings included) are put back afterwards.
-    A no-op outside autocast.
-    """
-    import torch
-    from torch import nn
-
-    if not torch.is_autocast_enabled(device.type):
-        yield
-        return
-    dtype = torch.get_autocast_dtype(device.type)
-    saved = []
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype != dtype and module.weight.is_floating_point():
-            for name in ("weight", "bias"):
-                param = getattr(module, name)
-                if param is not None:
-                    saved.append((module, name, param))
-                    setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
-    try:
-        yield
-    finally:
-        for module, name, param in saved:
-            setattr(module, name, param)
-
-
 def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict[str, Any],
                      batch_size: int = 8, progress: bool = True, seed: int | None = None,
                      autocast_dtype=None, cast_weights_once: bool = True) -> list[str]:
     """The decoded answer to each prompt (token ids), in the order given; "" where the prompt alone
     already fills `max_length`. `seed` seeds torch once before the first batch (for sampling). Under
     autocast (`autocast_dtype`, or an autocast block around the call) the linear weights are cast once
-    for the whole call (`linear_weights_cast_once`; same answers, faster decoding)."""
+    for the whole call (tunelab.speedups.py; same answers, faster decoding)."""
     import torch
     from tqdm.auto import tqdm
+
+    from tunelab.speedups import active_autocast_dtype, linear_weights_cast
 
     if batch_size < 1:
         raise TunelabError(f"batch size must be >= 1, got {batch_size}")
@@ -217,7 +187,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     bar.update(len(prompts) - len(order))
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype), \
-                (linear_weights_cast_once(model, device) if cast_weights_once else contextlib.nullcontext()):
+                linear_weights_cast(model, active_autocast_dtype(device) if cast_weights_once else None):
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 texts = _generate_batch(model, tokenizer, [prompts[i] for i in batch],

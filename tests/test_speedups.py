@@ -1,0 +1,139 @@
+"""Frozen linear weights held in the autocast dtype: same numbers as autocast's per-call casts, originals back."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from tunelab.speedups import active_autocast_dtype, linear_weights_cast
+from tunelab.hparams import FinetuningArguments
+from tunelab.methods import prepare_model
+from tunelab.trainer import TunelabTrainer
+
+from test_speed import _rows, _train
+
+
+def test_block_casts_frozen_linears_only_and_puts_originals_back(tiny_model_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("gpt2"))  # lm_head tied to wte
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model, _ = prepare_model(model, FinetuningArguments(lora_target="c_attn"))
+    before = dict(model.named_parameters())
+    with linear_weights_cast(model, torch.bfloat16, frozen_only=True) as cast:
+        hf = model.get_base_model()
+        assert cast == 1 and hf.lm_head.weight.dtype == torch.bfloat16  # gpt2's blocks are Conv1D, not Linear
+        assert hf.transformer.wte.weight.dtype == torch.float32  # embeddings stay as autocast leaves them
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    assert dict(model.named_parameters()) == before  # the very same Parameter objects
+    hf = model.get_base_model()
+    assert hf.lm_head.weight is hf.transformer.wte.weight  # tie intact
+    with linear_weights_cast(model, None) as cast:
+        assert cast == 0
+
+
+def test_block_is_a_no_op_outside_autocast():
+    assert active_autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert active_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_cast_weights_give_autocasts_logits_and_grads(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model, _ = prepare_model(model, FinetuningArguments(lora_target="all", lora_dropout=0.0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for cast in (None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), linear_weights_cast(model, cast, frozen_only=True):
+            logits = model(input_ids=ids).logits
+        grads = torch.autograd.grad(logits.float().square().mean(), trainable)
+        results.append((logits, grads))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+class _DtypeSpy(TrainerCallback):
+    def __init__(self, model):
+        self.module = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.down_proj")
+                           or n.endswith("layers.0.mlp.down_proj.base_layer"))
+        self.seen = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.seen.append(self.module.weight.dtype)
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("lora", {"lora_target": "q_proj,v_proj", "lora_dropout": 0.0}),
+    ("freeze", {"num_layer_trainable": 2}),
+    ("p_tuning", {"pre_seq_len": 4}),
+])
+def test_bf16_training_with_cast_weights_equals_per_call_casts(tiny_llama_dir, tiny_tokenizer, tmp_path,
+                                                              method, flags, monkeypatch):
+    torch.manual_seed(0)
+    model, info = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                FinetuningArguments(finetuning_type=method, **flags))
+    per_call = copy.deepcopy(model)
+    rows = _rows(len(tiny_tokenizer))
+    common = dict(method_info=info, base_model=str(tiny_llama_dir), run_args={}, training={"bf16": True})
+    spy = _DtypeSpy(model)
+    ours, trainer = _train(TunelabTrainer, model, tiny_tokenizer, rows, tmp_path / "once", callbacks=[spy], **common)
+    assert spy.seen == [torch.bfloat16] * 4  # held in bf16 during training
+    assert spy.module.weight.dtype == torch.float32  # and back to fp32 after
+    monkeypatch.setattr(TunelabTrainer, "_frozen_weight_dtype", lambda self: None)
+    theirs, _ = _train(TunelabTrainer, per_call, tiny_tokenizer, rows, tmp_path / "per_call", **common)
+    assert ours == theirs
+    for (name, a), b in zip(model.named_parameters(), per_call.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_dropout_keeps_nn_dropouts_distribution_and_gradient():
+    from tunelab.speedups import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = Dropout(0.1).train()(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # Bernoulli(0.9): 0.003 is > 4 standard deviations
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask
+    assert Dropout(0.1).eval()(x) is x and Dropout(0.0).train()(x) is x
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_cpu_dropout_swaps_loras_dropouts_and_puts_them_back(tiny_llama_dir):
+    from tunelab.speedups import Dropout, cpu_dropout
+
+    model, _ = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                             FinetuningArguments(lora_target="q_proj,v_proj", lora_dropout=0.1))
+    model.train()
+    originals = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    assert len(originals) == 8  # 4 layers x q, v
+    with cpu_dropout(model, "cuda") as swapped:
+        assert swapped == 0  # GPUs keep nn.Dropout's fused kernel
+    with cpu_dropout(model, "cpu") as swapped:
+        assert swapped == 8 and sum(isinstance(m, Dropout) for m in model.modules()) == 8
+        assert all(m.training for m in model.modules() if isinstance(m, Dropout))
+        model.eval()  # the Trainer's own eval switches modes inside the block
+    assert [m for m in model.modules() if type(m) is torch.nn.Dropout] == originals
+    assert not any(m.training for m in originals) and not any(isinstance(m, Dropout) for m in model.modules())
+
+
+def test_trainer_trains_with_cpu_dropout_and_restores_nn_dropout(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    from tunelab.speedups import Dropout
+
+    model, info = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                FinetuningArguments(lora_target="q_proj,v_proj", lora_dropout=0.5))
+
+    class Spy(TrainerCallback):
+        seen: list = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.seen.append(sum(isinstance(m, Dropout) and m.training for m in model.modules()))
+
+    spy = Spy()
+    losses, _ = _train(TunelabTrainer, model, tiny_tokenizer, _rows(len(tiny_tokenizer)), tmp_path, callbacks=[spy],
+                       method_info=info, base_model=str(tiny_llama_dir), run_args={})
+    assert spy.seen == [8] * 4 and all(loss == loss for loss in losses)
+    assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 8

@@ -1,0 +1,104 @@
+"""Substitutions that make training and generation faster without changing what is computed.
+
+`linear_weights_cast`: hold nn.Linear weights in the autocast dtype for a whole block instead of re-casting
+them at every call. Under autocast, `F.linear(x, W)` with an fp32 W casts W to bf16/fp16 at *every* call. Autocast keeps a cast
+only for leaf tensors that require grad, so frozen weights (LoRA's base layers, Freeze's lower layers,
+the whole model under P-Tuning, every weight while generating) are read in fp32 and written as a fresh
+low-precision copy in every forward — and in every decode step. Casting them once gives the same numbers
+(autocast would cast these exact tensors the same way; backward through a frozen weight uses that cast
+copy either way), so this is a pure speed-up: tests/test_speedups.py checks equal logits, losses and
+gradients, bench/README.md has the figures.
+
+Only plain `nn.Linear` modules are touched (not embeddings or norms, which autocast leaves in fp32;
+not quantized or custom linears). A tied output projection gets its own low-precision copy for the
+block, the embedding keeps its fp32 weight. The original parameters are put back when the block ends.
+
+`cpu_dropout`: on a CPU, every `nn.Dropout` (LoRA's dropout is one per adapted module) draws its mask with
+one uniform draw per element (`torch.rand`) instead of `bernoulli_`, whose CPU kernel is ~2x slower: the
+same Bernoulli(1 - p) keep mask and 1 / (1 - p) scale as nn.Dropout, from a different random stream (a
+seeded run draws other, equally distributed masks). LoRA q,v on all layers of SmolLM2 spent ~11% of a
+training step in bernoulli_ (bench/README.md). GPUs keep nn.Dropout (one fused kernel there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def linear_weights_cast(model: nn.Module, dtype: torch.dtype | None, frozen_only: bool = False) -> Iterator[int]:
+    """Within the block every (frozen, with frozen_only) floating nn.Linear weight and bias of `model` is a
+    `dtype` copy; yields how many modules were cast. dtype None: a no-op (no autocast, nothing to save)."""
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    for module in _castable(model, dtype, frozen_only) if dtype is not None else ():
+        for name in ("weight", "bias"):
+            param = getattr(module, name)
+            if param is not None:
+                saved.append((module, name, param))
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    try:
+        yield len({id(m) for m, _, _ in saved})
+    finally:
+        for module, name, param in saved:
+            setattr(module, name, param)
+
+
+def _castable(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> Iterator[nn.Module]:
+    for module in model.modules():
+        if type(module) is not nn.Linear or not module.weight.is_floating_point() or module.weight.dtype == dtype:
+            continue
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if frozen_only and any(p.requires_grad for p in params):
+            continue
+        yield module
+
+
+class Dropout(nn.Module):
+    """nn.Dropout(p) with its mask drawn by torch.rand (see the module docstring)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0.0
+        return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+@contextlib.contextmanager
+def cpu_dropout(model: nn.Module, device: torch.device | str) -> Iterator[int]:
+    """Within the block every nn.Dropout of `model` with p > 0 is a `Dropout` when `device` is a CPU;
+    yields how many were swapped. The original modules are put back when the block ends."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    if torch.device(device).type == "cpu":
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Dropout and child.p > 0:
+                    swapped.append((parent, name, child))
+    for parent, name, child in swapped:
+        replacement = Dropout(child.p)
+        replacement.train(child.training)
+        setattr(parent, name, replacement)
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            child.train(getattr(parent, name).training)
+            setattr(parent, name, child)
+
+
+def active_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast casts matmuls to on `device` right now, None outside autocast."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
