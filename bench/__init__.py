@@ -8,7 +8,7 @@ generation, and the machine's matmul peak — each measured side by side in one 
 
 Files: common.py (workload rows, FLOP formula, step timer, RSS, subprocess protocol), matmul.py (peak),
 train.py (orchestrator + tunelab worker), baseline.py (the plain Trainer + peft script), generate.py,
-allocator.py (tcmalloc re-exec of bench workers, as the `tunelab` console entry does).
+allocator.py (re-exec of bench workers under the allocator the `tunelab` console entry picks).
 
 Rules every figure follows: each configuration runs in its own subprocess (so peak RSS is its own, from
 `resource.getrusage(RUSAGE_SELF).ru_maxrss`); configurations are interleaved within one run and repeated

@@ -18,7 +18,7 @@ median is printed; all raw numbers go to runs/bench/train-<time>.json.
 tunelab rows run through tunelab's own pieces, in run_train's order: parse_args -> prepare_training_args
 -> load_base -> methods.prepare_model -> TunelabTrainer (data building and saving are left out: the
 rows are tokenized once for every configuration). tunelab rows use tcmalloc when it is installed (what
-the `tunelab` console entry does, bench/allocator.py); the baseline runs with the system
+the `tunelab` console entry does, tunelab/allocator.py); the baseline runs with the system
 allocator as a plain script would, and `*_system` / `baseline_tcmalloc` rows show both sides of that.
 """
 
@@ -47,6 +47,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "no_packing": {"variant": {"no_packing": True}, "why": "padded batches instead of padding-free ones"},
     "full_logits": {"variant": {"full_logits": True}, "why": "logits at every position (HF's model(labels=))"},
     "system_malloc": {"allocator": "system", "why": "glibc malloc instead of tcmalloc"},
+    "glibc_tuned": {"allocator": "glibc", "why": "glibc keeping freed memory (tunelab's fallback) instead of tcmalloc"},
     "fp32": {"flags": ["--bf16", "false"], "why": "no bf16 autocast"},
     "adamw_foreach": {"flags": ["--optim", "adamw_torch"], "why": "foreach AdamW instead of the fused default"},
     "sdpa_segments": {"variant": {"sdpa_segments": True},

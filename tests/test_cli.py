@@ -1,5 +1,8 @@
 """The dispatch table and the console entry's allocator choice."""
 
+import os
+import sys
+
 import pytest
 
 from tunelab import cli
@@ -21,21 +24,30 @@ def test_help_lists_commands(capsys):
     assert all(name in out for name in cli.COMMANDS)
 
 
-@pytest.mark.parametrize("argv, env, wanted", [
-    (["train"], {}, True),
-    (["score"], {}, False),                                     # no hot loop: not worth a re-exec
-    (["train"], {"TUNELAB_ALLOCATOR": "system"}, False),        # opt-out
-    (["train"], {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, False),  # already loaded: never loops
-])
-def test_tcmalloc_reexec_decision(monkeypatch, argv, env, wanted):
-    import ctypes.util
+@pytest.mark.parametrize("argv, reexec", [(["train", "--help"], True), (["score", "x.jsonl"], False), ([], False)])
+def test_entry_reexecs_only_commands_with_hot_loops(monkeypatch, argv, reexec):
+    """`tunelab train/eval/predict/study/...` re-execute under the allocator tunelab.allocator picks; `score`
+    (no hot loop) and the bare command do not."""
+    calls = []
 
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libtcmalloc_minimal.so.4")
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.delenv("TUNELAB_ALLOCATOR", raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    got = cli._tcmalloc_env(argv)
-    assert (got is not None) == wanted
-    if wanted:
-        assert "tcmalloc" in got["LD_PRELOAD"]
+    def execve(path, args, env):
+        calls.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr("tunelab.allocator.allocator_env", lambda environ: {"X": "1"})
+    monkeypatch.setattr(cli, "main", lambda argv: 0)
+    monkeypatch.setattr(sys, "argv", ["tunelab", *argv])
+    if reexec:
+        with pytest.raises(SystemExit):
+            cli.entry()
+        assert calls == [[sys.executable, "-m", "tunelab", *argv]]
+    else:
+        assert cli.entry() == 0 and calls == []
+
+
+def test_entry_names_the_valid_allocators(monkeypatch, capsys):
+    monkeypatch.setenv("TUNELAB_ALLOCATOR", "tcmaloc")
+    monkeypatch.setattr(sys, "argv", ["tunelab", "train"])
+    assert cli.entry() == 2
+    assert "did you mean tcmalloc" in capsys.readouterr().err

@@ -165,25 +165,3 @@ def test_generation_casts_weights_once_with_the_same_answers(tiny_llama_dir, tin
     assert answers[True] == answers[False]
     assert all(p is params[name] for name, p in model.named_parameters())  # originals back, fp32
     assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
-
-
-def test_tcmalloc_reexec_guard(monkeypatch):
-    """bench workers re-exec under tcmalloc as `tunelab` does: once, with LD_PRELOAD; never under
-    TUNELAB_ALLOCATOR=system."""
-    import bench.allocator as allocator
-
-    calls = []
-    monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
-    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
-    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
-    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
-    allocator.reexec_with_tcmalloc()
-    assert calls == []
-    monkeypatch.delenv("TUNELAB_ALLOCATOR")
-    monkeypatch.setenv("LD_PRELOAD", "libother.so")
-    allocator.reexec_with_tcmalloc()
-    (path, argv, env), = calls
-    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4 libother.so"
-    monkeypatch.setenv("LD_PRELOAD", env["LD_PRELOAD"])  # the re-executed process: no second exec
-    allocator.reexec_with_tcmalloc()
-    assert len(calls) == 1

@@ -43,35 +43,27 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
-# Commands whose hot loops allocate many short-lived tensors on the CPU: there tcmalloc ran the same
-# training step 1.1-2x faster than glibc malloc (jemalloc gave nothing). TUNELAB_ALLOCATOR=system opts out.
+# Commands whose hot loops allocate many short-lived tensors on the CPU: they run under tcmalloc (or glibc
+# told to keep freed memory), 1.7x on the same training step (tunelab/allocator.py). TUNELAB_ALLOCATOR=system
+# opts out.
 _ALLOCATOR_COMMANDS = {"train", "eval", "predict", "study", "chat", "serve", "webui"}
 
 
-def _tcmalloc_env(argv: list[str]) -> dict[str, str] | None:
-    """The environment to re-run under tcmalloc, or None when it is absent, unwanted or already loaded."""
-    import ctypes.util
-    import os
-
-    if not argv or argv[0] not in _ALLOCATOR_COMMANDS or os.environ.get("TUNELAB_ALLOCATOR") == "system":
-        return None
-    preload = os.environ.get("LD_PRELOAD", "")
-    lib = ctypes.util.find_library("tcmalloc_minimal")
-    if not lib or "tcmalloc" in preload:
-        return None
-    # the threshold: tcmalloc otherwise prints a line for every allocation over 1 GiB (a 49k-vocab logits tensor)
-    return {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip(), "TUNELAB_ALLOCATOR": "tcmalloc",
-            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": os.environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD",
-                                                                    str(1 << 40))}
-
-
 def entry() -> int:
-    """Console-script entry: re-executes itself once under tcmalloc when available, then runs main()."""
+    """Console-script entry: re-executes itself once under a faster allocator (tunelab/allocator.py) for the
+    commands with hot loops, then runs main()."""
     import os
+
+    from tunelab.allocator import allocator_env
 
     argv = sys.argv[1:]
-    env = _tcmalloc_env(argv)
+    try:
+        env = allocator_env(os.environ) if argv and argv[0] in _ALLOCATOR_COMMANDS else None
+    except TunelabError as err:
+        print(f"tunelab: error: {err}", file=sys.stderr)
+        return 2
     if env is not None:
+        sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
     return main(argv)
 
