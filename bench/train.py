@@ -52,6 +52,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adamw_foreach": {"flags": ["--optim", "adamw_torch"], "why": "foreach AdamW instead of the fused default"},
     "sdpa_segments": {"variant": {"sdpa_segments": True},
                       "why": "packed samples through SDPA's CPU flash kernel instead of matmul attention"},
+    "unfused_ce": {"variant": {"unfused_ce": True},
+                   "why": "F.cross_entropy on an fp32 copy of the logits instead of the chunked loss"},
+    "rand_dropout": {"variant": {"rand_dropout": True},
+                     "why": "dropout masks from one torch.rand draw per element instead of 16-bit lanes"},
+    "sliced_attention": {"variant": {"sliced_attention": True},
+                         "why": "packed samples sliced out, scores scaled and masked by separate ops"},
     "per_call_casts": {"variant": {"per_call_casts": True},
                        "why": "autocast re-casts the frozen fp32 weights at every forward (no cast-once)"},
     "torch_dropout": {"variant": {"torch_dropout": True},
@@ -102,6 +108,45 @@ def trainer_class(variant: dict[str, Any]):
     return VariantTrainer
 
 
+def apply_module_variant(variant: dict[str, Any]) -> None:
+    """Bench-only A/B switches that swap a function of tunelab's in this worker process only."""
+    import torch.nn.functional as F
+
+    import tunelab.speedups
+    import tunelab.trainer
+
+    if variant.get("sdpa_segments"):
+        tunelab.trainer._matmul_attention = tunelab.trainer._sdpa_attention
+    if variant.get("unfused_ce"):
+        tunelab.trainer.cross_entropy = lambda logits, targets: F.cross_entropy(logits.float(), targets)
+    if variant.get("rand_dropout"):  # p rounds to 0 levels -> every Dropout takes its exact torch.rand path
+        tunelab.speedups.LANE_LEVELS = 1
+    if variant.get("sliced_attention"):
+        own = tunelab.trainer.packed_attention
+        tunelab.trainer.packed_attention = lambda *args, **kwargs: sliced_packed_attention(own, *args, **kwargs)
+
+
+def sliced_packed_attention(own, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """tunelab's previous packed attention, for the A/B: samples cut out by slicing (each slice's backward
+    fills a full-size zero gradient), scores scaled and masked by separate ops (masked_fill with a fresh triu)."""
+    import torch
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    if kwargs.get("cu_seq_lens_q") is None:  # an unpacked batch: tunelab's own (SDPA) path
+        return tunelab_packed_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    outputs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+        scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+        future = torch.ones(e - s, e - s, dtype=torch.bool).triu(1)
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+        outputs.append(torch.matmul(probs, v))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
 def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
     import tempfile
 
@@ -115,10 +160,7 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
         args = tunelab_args(cfg, out)
         prepare_training_args(args)
         model, tokenizer, base_path, _ = load_base(args)
-        if cfg["variant"].get("sdpa_segments"):  # bench-only A/B switch, this process only
-            import tunelab.trainer
-
-            tunelab.trainer._matmul_attention = tunelab.trainer._sdpa_attention
+        apply_module_variant(cfg["variant"])
         tokenizer.padding_side = "right"
         model, info = methods.prepare_model(model, args.finetune)
         dataset = load_rows(cfg["rows"], (cfg["warmup"] + cfg["steps"]) * cfg["batch"])

@@ -48,6 +48,25 @@ def test_packed_loss_and_grads_equal_padded_full_logits(tiny_model_factory, arch
     assert torch.allclose(supervised_loss(model, batch), plain, atol=1e-5)  # unpacked batches: plain SDPA
 
 
+def test_packed_matmul_attention_under_bf16_autocast_and_after_inference_mode(tiny_llama_dir):
+    """The causal mask is cached per (length, dtype): one first made under inference_mode (an eval pass)
+    still serves training steps, and under bf16 autocast the packed loss stays the padded one's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    batch = padded_batch(model.config.vocab_size, lengths=(13, 6, 11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(**batch).loss
+    enable_packed_attention(model)
+    packed_inputs = pack_batch(batch)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = supervised_loss(model, packed_inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = supervised_loss(model, packed_inputs)
+    packed.backward()
+    assert torch.equal(first, packed.detach())
+    assert torch.allclose(packed, plain, atol=2e-2), (packed, plain)  # bf16 noise
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_pack_batch_only_when_exact_and_useful():
     batch = padded_batch(50)
     packed = pack_batch(batch)

@@ -95,11 +95,41 @@ def test_dropout_keeps_nn_dropouts_distribution_and_gradient():
     y = Dropout(0.1).train()(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.003  # Bernoulli(0.9): 0.003 is > 4 standard deviations
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    p_rounded = round(0.1 * 65536) / 65536  # 0.1000061
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p_rounded)), rtol=0, atol=1e-6)
+    assert abs(y.mean().item() - 1) < 0.004  # unbiased: E[y] = x
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask
     assert Dropout(0.1).eval()(x) is x and Dropout(0.0).train()(x) is x
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_dropout_keeps_shape_and_dtype_is_seeded_and_falls_back_near_zero_and_one():
+    from tunelab.speedups import Dropout
+
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    first = Dropout(0.3).train()(x)
+    torch.manual_seed(1)
+    assert first.dtype == torch.bfloat16 and first.shape == x.shape and torch.equal(first, Dropout(0.3).train()(x))
+    ones = torch.ones(100_000)
+    tiny = Dropout(1e-6).train()(ones)  # rounds to 0 levels: the exact fp32 draw, still a dropout
+    assert tiny.dtype == ones.dtype and torch.allclose(tiny[tiny != 0], torch.full_like(tiny[tiny != 0], 1 / (1 - 1e-6)))
+    almost_all = Dropout(1 - 1e-6).train()(ones)
+    assert torch.isfinite(almost_all).all() and (almost_all != 0).sum() <= 5
+
+
+def test_random_lanes_are_uniform_in_every_lane_of_a_draw():
+    from tunelab.speedups import random_lanes
+
+    torch.manual_seed(0)
+    lanes = random_lanes(torch.Size([4 * 100_000 + 3]), torch.device("cpu"))
+    assert lanes.dtype == torch.int16 and lanes.numel() == 400_003
+    per_lane = lanes[:400_000].view(-1, 4).float()  # the four int16 lanes of each 64-bit draw
+    assert (per_lane.mean(0).abs() < 32768 * 0.01).all()  # uniform on [-32768, 32767]: mean ~ -0.5
+    assert ((per_lane < 0).float().mean(0) - 0.5).abs().max() < 0.005
+    low = (per_lane < -32768 + 6554).float().mean(0)  # the 10% band dropout p=0.1 uses
+    assert (low - 0.1).abs().max() < 0.003
 
 
 def test_cpu_dropout_swaps_loras_dropouts_and_puts_them_back(tiny_llama_dir):

@@ -13,11 +13,15 @@ Only plain `nn.Linear` modules are touched (not embeddings or norms, which autoc
 not quantized or custom linears). A tied output projection gets its own low-precision copy for the
 block, the embedding keeps its fp32 weight. The original parameters are put back when the block ends.
 
-`cpu_dropout`: on a CPU, every `nn.Dropout` (LoRA's dropout is one per adapted module) draws its mask with
-one uniform draw per element (`torch.rand`) instead of `bernoulli_`, whose CPU kernel is ~2x slower: the
-same Bernoulli(1 - p) keep mask and 1 / (1 - p) scale as nn.Dropout, from a different random stream (a
-seeded run draws other, equally distributed masks). LoRA q,v on all layers of SmolLM2 spent ~11% of a
-training step in bernoulli_ (bench/README.md). GPUs keep nn.Dropout (one fused kernel there).
+`cpu_dropout`: on a CPU, every `nn.Dropout` (LoRA's dropout is one per adapted module) draws its mask from
+16-bit random lanes, four per 64-bit draw of torch's generator, instead of `bernoulli_` (one slow draw per
+element): an element is kept when its lane is at or above p * 2^16 of the 2^16 levels, so the keep mask is
+Bernoulli(1 - p') with p' = p rounded to a multiple of 2^-16 (0.1 -> 0.1000061; torch.rand's fp32 draw
+itself resolves p only to 2^-24), and kept values are scaled by 1 / (1 - p'), so the expected output is the
+input exactly, as with nn.Dropout. A seeded run draws other, equally distributed masks than nn.Dropout
+would; the mask kept for backward is a bool tensor (1 byte per element, not 4). LoRA q,v on all layers of
+SmolLM2 spent ~11% of a training step in bernoulli_ (bench/README.md); the lanes make a dropout call ~2x
+faster than a torch.rand mask. GPUs keep nn.Dropout (one fused kernel there).
 """
 
 from __future__ import annotations
@@ -58,21 +62,35 @@ def _castable(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> Iterat
 
 
 class Dropout(nn.Module):
-    """nn.Dropout(p) with its mask drawn by torch.rand (see the module docstring)."""
+    """nn.Dropout(p) with its mask drawn from 16-bit random lanes (see the module docstring)."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.levels = round(p * LANE_LEVELS)  # p as a multiple of 2^-16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p >= 1:
             return x * 0.0
-        return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)
+        if not 0 < self.levels < LANE_LEVELS:  # p within 2^-17 of 0 or 1: the exact fp32 draw
+            return x * torch.rand_like(x, dtype=torch.float32).ge_(self.p).div_(1 - self.p).to(x.dtype)
+        keep = random_lanes(x.shape, x.device) >= self.levels - LANE_LEVELS // 2
+        return (x * keep).mul_(LANE_LEVELS / (LANE_LEVELS - self.levels))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+LANE_LEVELS = 1 << 16
+
+
+def random_lanes(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Uniform int16 values of `shape`, four per 64-bit draw of torch's generator (seeded by torch.manual_seed)."""
+    count = shape.numel()
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    return draws.view(torch.int16)[:count].view(shape)
 
 
 @contextlib.contextmanager

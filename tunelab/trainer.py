@@ -4,7 +4,8 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
 (tunelab/methods.py). What this subclass changes, and why:
 - loss: cross-entropy computed only at supervised positions (`logits_to_keep` as a boolean mask, a public
   transformers API), so the vocab projection is skipped for prompt tokens — same value as the full-logits
-  loss, fewer FLOPs (tests/test_trainer.py checks equality);
+  loss, fewer FLOPs (tests/test_trainer.py checks equality); on a CPU the cross-entropy runs in cache-sized
+  chunks without full-size fp32 copies of the logits (tunelab/cross_entropy.py);
 - padding-free batches: a right-padded batch runs as one row holding its samples back to back
   (`pack_batch`), with attention kept inside each sample (`packed_attention`, registered through
   transformers' public AttentionInterface). Same samples, same order, same targets, so the same loss up
@@ -21,6 +22,7 @@ DeepSpeed and FSDP keep their engines' own checkpoint formats (they own that sta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from tunelab import methods
+from tunelab.cross_entropy import cross_entropy
 from tunelab.speedups import cpu_dropout, linear_weights_cast
 
 logger = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = labels[:, 1:][keep[:, :-1]]
     if targets.numel() == 0:  # a batch with nothing to learn contributes zero loss, not NaN
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
 
 
 # ---- padding-free batches ----
@@ -102,11 +105,14 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = bounds.tolist()
+    lengths = (bounds[1:] - bounds[:-1]).tolist()
     cpu = query.device.type == "cpu"
-    outputs = [(_matmul_attention if cpu and e - s <= MATMUL_ATTENTION_MAX_LEN else _sdpa_attention)(
-               query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, dropout)
-               for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    # split, not slices: one gradient concatenation in backward instead of a zero-filled full-size
+    # gradient per sample and tensor (slicing's backward), which grew with the number of samples
+    outputs = [(_matmul_attention if cpu and length <= MATMUL_ATTENTION_MAX_LEN else _sdpa_attention)(
+               q, k, v, scaling, dropout)
+               for q, k, v, length in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                          value.split(lengths, dim=2), lengths) if length]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim] like SDPA's
 
 
@@ -116,19 +122,32 @@ def _sdpa_attention(query, key, value, scaling, dropout):
 
 
 def _matmul_attention(query, key, value, scaling, dropout):
-    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention).
-    Why by hand: on CPU, SDPA's flash kernel makes a whole LoRA training step on SmolLM2 ~11% slower than
-    this for samples of <= 256 tokens (bench/README.md). The price is the [heads, L, L] probabilities kept
-    for backward (+0.65 GB there), hence only up to MATMUL_ATTENTION_MAX_LEN tokens per sample."""
+    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention);
+    the scale and the causal mask ride in the first matmul (baddbmm's alpha and bias), so neither costs a
+    pass over the scores nor a backward of its own. Why by hand: on CPU, SDPA's flash kernel makes a whole
+    LoRA training step on SmolLM2 ~11% slower than this for samples of <= 256 tokens (bench/README.md). The
+    price is the [heads, L, L] probabilities kept for backward (+0.65 GB there), hence only up to
+    MATMUL_ATTENTION_MAX_LEN tokens per sample."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    length = query.shape[2]
-    key = repeat_kv(key, query.shape[1] // key.shape[1])
-    value = repeat_kv(value, query.shape[1] // value.shape[1])
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), value)
+    heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    key = repeat_kv(key, heads // key.shape[1]).reshape(heads, length, head_dim)
+    value = repeat_kv(value, heads // value.shape[1]).reshape(heads, length, head_dim)
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    kind = query.device.type
+    mask = _causal_bias(length, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype,
+                        query.device)
+    scores = torch.baddbmm(mask, query.reshape(heads, length, head_dim), key.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    return torch.bmm(F.dropout(probs, p=dropout, training=dropout > 0), value)[None]
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[L, L] additive causal mask: 0 on and below the diagonal, -inf above (a normal tensor even when first
+    asked for under inference_mode, so later training steps can use it)."""
+    with torch.inference_mode(False):
+        return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 def enable_packed_attention(model) -> str | None:
