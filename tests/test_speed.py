@@ -67,13 +67,17 @@ def test_packed_matmul_attention_under_bf16_autocast_and_after_inference_mode(ti
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_pack_batch_only_when_exact_and_useful():
+def test_pack_batch_only_when_exact_and_useful(monkeypatch):
     batch = padded_batch(50)
     packed = pack_batch(batch)
     assert packed["position_ids"].tolist() == [list(range(12)) + list(range(7)) + list(range(10))]
     assert packed["cu_seq_lens_q"].tolist() == [0, 12, 19, 29]
     assert (packed["labels"][0, [0, 12, 19]] == -100).all()  # no sample predicts the previous sample's token
-    assert pack_batch({k: v[:1] for k, v in batch.items()}) is None  # no padding: nothing to gain
+    full = {k: v[:1] for k, v in batch.items()}  # no padding: packed only for the CPU's matmul attention
+    assert pack_batch(full)["cu_seq_lens_q"].tolist() == [0, 12]
+    monkeypatch.setattr("tunelab.trainer.MATMUL_ATTENTION_MAX_LEN", 11)
+    assert pack_batch(full) is None  # rows longer than that go to SDPA, which is as fast on the dense batch
+    assert pack_batch(batch) is not None  # padding is always worth removing
     left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
     assert pack_batch(left) is None  # left padding: positions would differ
     assert pack_batch({**batch, "token_type_ids": batch["input_ids"]}) is None

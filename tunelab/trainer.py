@@ -75,12 +75,15 @@ def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     position_ids restart at 0 for every sample (as in the padded batch) and `cu_seq_lens_q` (transformers'
     name for sample boundaries, [B + 1] cumulative lengths) tells packed_attention where samples end. Each
     sample's first label becomes -100: in the packed row the token before it belongs to the previous
-    sample (the padded batch never predicts a first token either). None when packing gains nothing (no
-    padding: SDPA on the dense batch is as fast and needs less memory, bench/README.md) or cannot be
-    exact (left padding, inputs other than ids, mask and labels).
+    sample (the padded batch never predicts a first token either). None when packing cannot be exact
+    (left padding, inputs other than ids, mask and labels) or gains nothing: a batch without padding is
+    packed only on a CPU with rows short enough for the matmul attention (12% faster than SDPA on the
+    dense batch there, bench/README.md); elsewhere SDPA on the dense batch is as fast and needs less memory.
     """
     mask = inputs.get("attention_mask")
-    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or bool(mask.all()):
+    if mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"}:
+        return None
+    if bool(mask.all()) and (mask.device.type != "cpu" or mask.shape[1] > MATMUL_ATTENTION_MAX_LEN):
         return None
     mask = mask.bool()
     lengths = mask.sum(1)
@@ -122,32 +125,36 @@ def _sdpa_attention(query, key, value, scaling, dropout):
 
 
 def _matmul_attention(query, key, value, scaling, dropout):
-    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention);
-    the scale and the causal mask ride in the first matmul (baddbmm's alpha and bias), so neither costs a
-    pass over the scores nor a backward of its own. Why by hand: on CPU, SDPA's flash kernel makes a whole
-    LoRA training step on SmolLM2 ~11% slower than this for samples of <= 256 tokens (bench/README.md). The
-    price is the [heads, L, L] probabilities kept for backward (+0.65 GB there), hence only up to
+    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention).
+    Grouped-query heads share their K/V head in the matmuls themselves — the queries of one K/V head are
+    stacked into one [groups * L, head_dim] matrix — instead of copying K and V per query head
+    (repeat_kv) and summing the copies' gradients back; the scale and the causal mask ride in the first
+    matmul (baddbmm's alpha and bias). Why by hand: on CPU, SDPA's flash kernel makes a whole LoRA training
+    step on SmolLM2 ~11% slower than this for samples of <= 256 tokens (bench/README.md). The price is the
+    [heads, L, L] probabilities kept for backward (+0.65 GB there), hence only up to
     MATMUL_ATTENTION_MAX_LEN tokens per sample."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
     heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
-    key = repeat_kv(key, heads // key.shape[1]).reshape(heads, length, head_dim)
-    value = repeat_kv(value, heads // value.shape[1]).reshape(heads, length, head_dim)
-    scale = head_dim ** -0.5 if scaling is None else scaling
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads  # query head h uses K/V head h // groups, as in repeat_kv
     kind = query.device.type
-    mask = _causal_bias(length, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype,
-                        query.device)
-    scores = torch.baddbmm(mask, query.reshape(heads, length, head_dim), key.transpose(1, 2), alpha=scale)
+    mask = _causal_bias(length, groups, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                        else query.dtype, query.device)
+    scores = torch.baddbmm(mask, query.reshape(kv_heads, groups * length, head_dim),
+                           key.reshape(kv_heads, length, head_dim).transpose(1, 2),
+                           alpha=head_dim ** -0.5 if scaling is None else scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-    return torch.bmm(F.dropout(probs, p=dropout, training=dropout > 0), value)[None]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.bmm(probs, value.reshape(kv_heads, length, head_dim)).view(1, heads, length, head_dim)
 
 
 @functools.lru_cache(maxsize=64)
-def _causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[L, L] additive causal mask: 0 on and below the diagonal, -inf above (a normal tensor even when first
-    asked for under inference_mode, so later training steps can use it)."""
+def _causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[groups * L, L] additive causal mask for `groups` stacked query blocks: 0 on and below each block's
+    diagonal, -inf above (a normal tensor even when first asked for under inference_mode, so later training
+    steps can use it)."""
     with torch.inference_mode(False):
-        return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+        block = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+        return block.repeat(groups, 1)
 
 
 def enable_packed_attention(model) -> str | None:
