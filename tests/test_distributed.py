@@ -237,3 +237,15 @@ def test_accelerate_configs_load_as_accelerate_launch_reads_them(name, kind, mon
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
         assert plugin.fsdp_version == 2 and "FULL_STATE_DICT" in str(plugin.state_dict_type)
         assert env["ACCELERATE_USE_FSDP"] == "true"
+
+
+def test_leave_destroys_this_processs_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from tunelab import distributed
+
+    distributed.leave()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert distributed.world_size() == 1 and dist.is_initialized()
+    distributed.leave()
+    assert not dist.is_initialized()

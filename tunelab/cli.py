@@ -85,3 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as err:
         print(f"tunelab {command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from tunelab import distributed
+
+        distributed.leave()

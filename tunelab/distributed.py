@@ -68,6 +68,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Leave the process group, if this process is in one, once its command is done. Every collective of
+    the command has completed by then. Left to the interpreter's exit, gloo's worker threads were torn
+    down by static destructors, and now and then a rank that had finished its work aborted there
+    ("terminate called without an active exception", SIGABRT) and failed the whole launch."""
+    dist = _group()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
 # ---- sharded eval: pure index arithmetic, then one collective ----
 
 def shard_indices(n: int, rank_: int, world: int) -> list[int]:
