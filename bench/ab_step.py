@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.common import DEFAULT_OUT, Workload, build_rows, load_rows, machine, write_json
-from bench.train import METHODS, TARGET, sliced_packed_attention, tunelab_args
+from bench.train import METHODS, TARGET, module_swaps, tunelab_args
 
 # variant -> what it switches off (each a context around one timed forward + backward)
 SWITCHES = {
@@ -40,36 +41,28 @@ SWITCHES = {
 }
 
 
-def variant_context(name: str, model) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the context that switches `name` off for one timed step ("default": nothing)."""
+def variant_contexts(model) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    """For each variant, a factory of the context that switches it off for one timed step ("default":
+    nothing). Built once, inside the block where the frozen weights are held in bf16."""
     import torch
-    import torch.nn.functional as F
     from transformers import AttentionInterface
 
-    import tunelab.speedups as speedups
     import tunelab.trainer as trainer
 
-    own_attention, own_pack = trainer.packed_attention, trainer.pack_batch
+    own_pack = trainer.pack_batch
 
     @contextlib.contextmanager
-    def patched(obj, attr, value) -> Iterator[None]:
-        saved = getattr(obj, attr)
-        setattr(obj, attr, value)
+    def swapped(swaps: list[tuple[Any, str, Any]]) -> Iterator[None]:
+        saved = [(module, attr, getattr(module, attr)) for module, attr, _ in swaps]
+        for module, attr, value in swaps:
+            setattr(module, attr, value)
+        AttentionInterface.register(trainer.PACKED_ATTENTION, trainer.packed_attention)  # registered by value
         try:
             yield
         finally:
-            setattr(obj, attr, saved)
-
-    @contextlib.contextmanager
-    def attention(fn) -> Iterator[None]:
-        AttentionInterface.register(trainer.PACKED_ATTENTION, fn)
-        try:
-            yield
-        finally:
-            AttentionInterface.register(trainer.PACKED_ATTENTION, own_attention)
-
-    def sliced(*args, **kwargs):
-        return sliced_packed_attention(own_attention, *args, **kwargs)
+            for module, attr, value in saved:
+                setattr(module, attr, value)
+            AttentionInterface.register(trainer.PACKED_ATTENTION, trainer.packed_attention)
 
     frozen_bf16 = [(m, n, p) for m in model.modules() if type(m) is torch.nn.Linear
                    for n, p in (("weight", m.weight), ("bias", m.bias)) if p is not None and not p.requires_grad]
@@ -84,18 +77,14 @@ def variant_context(name: str, model) -> Callable[[], contextlib.AbstractContext
             for module, attr, param in frozen_bf16:
                 setattr(module, attr, param)
 
-    return {
-        "default": contextlib.nullcontext,
-        "sliced_attention": lambda: attention(sliced),
-        "unfused_ce": lambda: patched(trainer, "cross_entropy", lambda lg, t: F.cross_entropy(lg.float(), t)),
-        "rand_dropout": lambda: patched(speedups, "LANE_LEVELS", 1),  # every Dropout takes its torch.rand path
-        "nn_dropout": contextlib.nullcontext,  # handled in run(): the dropout swap is left out
-        "dense_sdpa": lambda: patched(trainer, "pack_batch",
-                                      lambda inputs: None if bool(inputs["attention_mask"].all()) else own_pack(inputs)),
-        "no_packing": lambda: patched(trainer, "pack_batch", lambda inputs: None),
-        "full_logits": contextlib.nullcontext,  # handled in step(): HF's own loss
-        "per_call_casts": fp32_weights,
-    }[name]
+    swaps = {name: module_swaps({name: True}) for name in ("sliced_attention", "unfused_ce", "rand_dropout")}
+    swaps["dense_sdpa"] = [(trainer, "pack_batch",
+                            lambda inputs: None if bool(inputs["attention_mask"].all()) else own_pack(inputs))]
+    swaps["no_packing"] = [(trainer, "pack_batch", lambda inputs: None)]
+    contexts = {name: functools.partial(swapped, swap) for name, swap in swaps.items()}
+    # nn_dropout: step() leaves the dropout swap out; full_logits: step() takes HF's own loss
+    return {**contexts, "default": contextlib.nullcontext, "nn_dropout": contextlib.nullcontext,
+            "full_logits": contextlib.nullcontext, "per_call_casts": fp32_weights}
 
 
 def run(args) -> dict[str, Any]:
@@ -129,7 +118,8 @@ def run(args) -> dict[str, Any]:
     times: dict[str, list[float]] = {n: [] for n in names}
 
     def step(name: str, batch) -> float:
-        with variant_context(name, model)():
+        # nn_dropout: the dropout swap is left out ("meta" is not a CPU, so cpu_dropout swaps nothing)
+        with speedups.cpu_dropout(model, "meta" if name == "nn_dropout" else "cpu"), contexts[name]():
             packed = trainer.pack_batch(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                 start = time.perf_counter()
@@ -143,11 +133,11 @@ def run(args) -> dict[str, Any]:
         return elapsed
 
     with speedups.linear_weights_cast(model, dtype, frozen_only=True):
+        contexts = variant_contexts(model)
         for round_ in range(args.rounds + 1):  # round 0 warms every variant up and is not kept
             for batch in batches:
                 for name in names:
-                    with (contextlib.nullcontext() if name == "nn_dropout" else speedups.cpu_dropout(model, "cpu")):
-                        elapsed = step(name, batch)
+                    elapsed = step(name, batch)
                     if round_:
                         times[name].append(elapsed)
             print(f"  round {round_}/{args.rounds} done", flush=True)

@@ -108,22 +108,32 @@ def trainer_class(variant: dict[str, Any]):
     return VariantTrainer
 
 
-def apply_module_variant(variant: dict[str, Any]) -> None:
-    """Bench-only A/B switches that swap a function of tunelab's in this worker process only."""
+def module_swaps(variant: dict[str, Any]) -> list[tuple[Any, str, Any]]:
+    """(module, attribute, replacement) of the bench-only A/B switches that swap a function or constant of
+    tunelab's: set for a whole worker process here, per timed step in bench.ab_step."""
     import torch.nn.functional as F
 
     import tunelab.speedups
     import tunelab.trainer
 
+    swaps: list[tuple[Any, str, Any]] = []
     if variant.get("sdpa_segments"):
-        tunelab.trainer._matmul_attention = tunelab.trainer._sdpa_attention
+        swaps.append((tunelab.trainer, "_matmul_attention", tunelab.trainer._sdpa_attention))
     if variant.get("unfused_ce"):
-        tunelab.trainer.cross_entropy = lambda logits, targets: F.cross_entropy(logits.float(), targets)
+        swaps.append((tunelab.trainer, "cross_entropy", lambda logits, targets: F.cross_entropy(logits.float(), targets)))
     if variant.get("rand_dropout"):  # p rounds to 0 levels -> every Dropout takes its exact torch.rand path
-        tunelab.speedups.LANE_LEVELS = 1
+        swaps.append((tunelab.speedups, "LANE_LEVELS", 1))
     if variant.get("sliced_attention"):
         own = tunelab.trainer.packed_attention
-        tunelab.trainer.packed_attention = lambda *args, **kwargs: sliced_packed_attention(own, *args, **kwargs)
+        swaps.append((tunelab.trainer, "packed_attention",
+                      lambda *args, **kwargs: sliced_packed_attention(own, *args, **kwargs)))
+    return swaps
+
+
+def apply_module_variant(variant: dict[str, Any]) -> None:
+    """Switch this worker process's tunelab functions for the row's variant (before the model is prepared)."""
+    for module, attr, value in module_swaps(variant):
+        setattr(module, attr, value)
 
 
 def sliced_packed_attention(own, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -13,7 +13,7 @@ from tunelab.methods import prepare_model
 @pytest.mark.parametrize("name", ["default", "sliced_attention", "unfused_ce", "rand_dropout", "nn_dropout",
                                   "dense_sdpa", "no_packing", "full_logits", "per_call_casts"])
 def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, name):
-    from bench.ab_step import SWITCHES, variant_context
+    from bench.ab_step import SWITCHES, variant_contexts
 
     assert name == "default" or name in SWITCHES
     model, _ = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
@@ -25,7 +25,7 @@ def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, n
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with speedups.linear_weights_cast(model, torch.bfloat16, frozen_only=True):
-        with variant_context(name, model)():
+        with variant_contexts(model)[name]():
             packed = trainer.pack_batch(batch)
             assert (packed is None) == (name in ("dense_sdpa", "no_packing"))
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,8 +11,9 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
   transformers' public AttentionInterface). Same samples, same order, same targets, so the same loss up
   to float noise — minus the FLOPs spent on padding (tests/test_speed.py; 1.6x on alpaca rows cut at 256
   tokens, bench/README.md). On a CPU, batches without padding are packed too when their rows fit the
-  matmul attention (12% faster than SDPA on the dense batch). With LoRA dropout the random masks are drawn over the packed
-  tensor, so a seeded run draws different (equally distributed) masks than a padded one would;
+  matmul attention (12% faster than SDPA on the dense batch). With LoRA dropout the random masks are
+  drawn over the packed tensor, so a seeded run draws different (equally distributed) masks than a
+  padded one would;
 - frozen weights cast once: under bf16/fp16 autocast the frozen nn.Linear weights are held in that dtype
   for the whole of training instead of being re-cast at every forward (tunelab.speedups.py; same
   numbers, fewer bytes moved per step);
@@ -38,7 +39,7 @@ from transformers import Trainer
 
 from tunelab import methods
 from tunelab.cross_entropy import cross_entropy
-from tunelab.speedups import cpu_dropout, linear_weights_cast
+from tunelab.speedups import active_autocast_dtype, cpu_dropout, linear_weights_cast
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ def _matmul_attention(query, key, value, scaling, dropout):
     heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = key.shape[1]
     groups = heads // kv_heads  # query head h uses K/V head h // groups, as in repeat_kv
-    kind = query.device.type
-    mask = _causal_bias(length, groups, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
-                        else query.dtype, query.device)
+    mask = _causal_bias(length, groups, active_autocast_dtype(query.device) or query.dtype, query.device)
     scores = torch.baddbmm(mask, query.reshape(kv_heads, groups * length, head_dim),
                            key.reshape(kv_heads, length, head_dim).transpose(1, 2),
                            alpha=head_dim ** -0.5 if scaling is None else scaling)
