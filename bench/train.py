@@ -58,6 +58,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                      "why": "dropout masks from one torch.rand draw per element instead of 16-bit lanes"},
     "sliced_attention": {"variant": {"sliced_attention": True},
                          "why": "packed samples sliced out, scores scaled and masked by separate ops"},
+    "per_sample_attention": {"variant": {"per_sample_attention": True},
+                             "why": "one attention call per packed sample instead of per run of equal lengths"},
     "per_call_casts": {"variant": {"per_call_casts": True},
                        "why": "autocast re-casts the frozen fp32 weights at every forward (no cast-once)"},
     "torch_dropout": {"variant": {"torch_dropout": True},
@@ -123,6 +125,8 @@ def module_swaps(variant: dict[str, Any]) -> list[tuple[Any, str, Any]]:
         swaps.append((tunelab.trainer, "cross_entropy", lambda logits, targets: F.cross_entropy(logits.float(), targets)))
     if variant.get("rand_dropout"):  # p rounds to 0 levels -> every Dropout takes its exact torch.rand path
         swaps.append((tunelab.speedups, "LANE_LEVELS", 1))
+    if variant.get("per_sample_attention"):
+        swaps.append((tunelab.trainer, "equal_length_runs", lambda lengths: [(n, 1) for n in lengths if n]))
     if variant.get("sliced_attention"):
         own = tunelab.trainer.packed_attention
         swaps.append((tunelab.trainer, "packed_attention",

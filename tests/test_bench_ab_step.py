@@ -10,7 +10,7 @@ from tunelab.hparams import FinetuningArguments
 from tunelab.methods import prepare_model
 
 
-@pytest.mark.parametrize("name", ["default", "sliced_attention", "unfused_ce", "rand_dropout", "nn_dropout",
+@pytest.mark.parametrize("name", ["default", "sliced_attention", "per_sample_attention", "unfused_ce", "rand_dropout", "nn_dropout",
                                   "dense_sdpa", "no_packing", "full_logits", "per_call_casts"])
 def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, name):
     from bench.ab_step import SWITCHES, variant_contexts
@@ -19,8 +19,8 @@ def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, n
     model, _ = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
                              FinetuningArguments(finetuning_type="lora", lora_target="q_proj,v_proj"))
     trainer.enable_packed_attention(model)
-    before = (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, speedups.LANE_LEVELS,
-              AttentionInterface()[trainer.PACKED_ATTENTION])
+    before = (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, trainer.equal_length_runs,
+              speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION])
     weights = {n: p for n, p in model.named_parameters()}
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -32,8 +32,8 @@ def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, n
                 loss = trainer.supervised_loss(model, packed or batch)
             loss.backward()
             assert torch.isfinite(loss)
-    assert (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, speedups.LANE_LEVELS,
-            AttentionInterface()[trainer.PACKED_ATTENTION]) == before
+    assert (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, trainer.equal_length_runs,
+            speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION]) == before
     assert all(p is weights[n] for n, p in model.named_parameters())
 
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, 
 
 from tunelab.hparams import FinetuningArguments
 from tunelab.methods import prepare_model
-from tunelab.trainer import PACKED_ATTENTION, TunelabTrainer, enable_packed_attention, pack_batch, supervised_loss
+from tunelab.trainer import (PACKED_ATTENTION, TunelabTrainer, enable_packed_attention, equal_length_runs, pack_batch,
+                             supervised_loss)
 
 
 def padded_batch(vocab: int, lengths=(12, 7, 10), prompt: int = 4):
@@ -27,11 +28,12 @@ def padded_batch(vocab: int, lengths=(12, 7, 10), prompt: int = 4):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "glm"])
 @pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
-def test_packed_loss_and_grads_equal_padded_full_logits(tiny_model_factory, arch, kernel, monkeypatch):
+@pytest.mark.parametrize("lengths", [(12, 7, 10), (9, 9, 5, 9, 9, 9)], ids=["distinct", "equal-runs"])
+def test_packed_loss_and_grads_equal_padded_full_logits(tiny_model_factory, arch, kernel, lengths, monkeypatch):
     if kernel == "sdpa":  # samples longer than the cut-off take SDPA's kernel
         monkeypatch.setattr("tunelab.trainer.MATMUL_ATTENTION_MAX_LEN", 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_factory(arch)).eval()  # eval: no dropout
-    batch = padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size, lengths)
     plain = model(**batch).loss
     plain_grads = torch.autograd.grad(plain, list(model.parameters()), allow_unused=True)
     assert enable_packed_attention(model) == "sdpa"
@@ -65,6 +67,13 @@ def test_packed_matmul_attention_under_bf16_autocast_and_after_inference_mode(ti
     assert torch.equal(first, packed.detach())
     assert torch.allclose(packed, plain, atol=2e-2), (packed, plain)  # bf16 noise
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_equal_length_runs():
+    assert equal_length_runs([256, 256, 90, 256]) == [(256, 2), (90, 1), (256, 1)]
+    assert equal_length_runs([5, 0, 5, 5, 0]) == [(5, 3)]  # empty samples vanish from the packed row
+    assert equal_length_runs([0, 3]) == [(3, 1)]
+    assert equal_length_runs([]) == []
 
 
 def test_pack_batch_only_when_exact_and_useful(monkeypatch):

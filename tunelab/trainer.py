@@ -110,41 +110,71 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    lengths = (bounds[1:] - bounds[:-1]).tolist()
+    runs = equal_length_runs((bounds[1:] - bounds[:-1]).tolist())
+    sizes = [length * count for length, count in runs]
     cpu = query.device.type == "cpu"
     # split, not slices: one gradient concatenation in backward instead of a zero-filled full-size
-    # gradient per sample and tensor (slicing's backward), which grew with the number of samples
+    # gradient per piece and tensor (slicing's backward), which grew with the number of samples
     outputs = [(_matmul_attention if cpu and length <= MATMUL_ATTENTION_MAX_LEN else _sdpa_attention)(
-               q, k, v, scaling, dropout)
-               for q, k, v, length in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
-                                          value.split(lengths, dim=2), lengths) if length]
+               q, k, v, scaling, dropout, count)
+               for q, k, v, (length, count) in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
+                                                   value.split(sizes, dim=2), runs)]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim] like SDPA's
 
 
-def _sdpa_attention(query, key, value, scaling, dropout):
-    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
-                                          enable_gqa=query.shape[1] != key.shape[1])
+def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive samples of one length, as (length, count) in order; empty samples dropped.
+    [256, 256, 90, 256] -> [(256, 2), (90, 1), (256, 1)]: each run is one batched attention call (a batch
+    without padding is a single run), not one call per sample."""
+    runs: list[tuple[int, int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        elif length:
+            runs.append((length, 1))
+    return runs
 
 
-def _matmul_attention(query, key, value, scaling, dropout):
-    """One sample's causal attention as two matmuls and an fp32 softmax (transformers' eager attention).
-    Grouped-query heads share their K/V head in the matmuls themselves — the queries of one K/V head are
-    stacked into one [groups * L, head_dim] matrix — instead of copying K and V per query head
-    (repeat_kv) and summing the copies' gradients back; the scale and the causal mask ride in the first
-    matmul (baddbmm's alpha and bias). Why by hand: on CPU, SDPA's flash kernel makes a whole LoRA training
-    step on SmolLM2 ~11% slower than this for samples of <= 256 tokens (bench/README.md). The price is the
-    [heads, L, L] probabilities kept for backward (+0.65 GB there), hence only up to
-    MATMUL_ATTENTION_MAX_LEN tokens per sample."""
-    heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
-    kv_heads = key.shape[1]
+def _samples_first(x: torch.Tensor, count: int) -> torch.Tensor:
+    """[1, heads, count * L, head_dim] -> [count, heads, L, head_dim] (a view)."""
+    return x.view(x.shape[1], count, -1, x.shape[3]).transpose(0, 1)
+
+
+def _samples_joined(x: torch.Tensor) -> torch.Tensor:
+    """[count, heads, L, head_dim] -> [1, heads, count * L, head_dim] (inverse of _samples_first)."""
+    return x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])
+
+
+def _sdpa_attention(query, key, value, scaling, dropout, count=1):
+    """`count` equal-length samples' causal attention as one batched SDPA call."""
+    out = F.scaled_dot_product_attention(_samples_first(query, count), _samples_first(key, count),
+                                         _samples_first(value, count), dropout_p=dropout, is_causal=True,
+                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return _samples_joined(out)
+
+
+def _matmul_attention(query, key, value, scaling, dropout, count=1):
+    """The causal attention of `count` samples of one length L as two batched matmuls and an fp32 softmax
+    (transformers' eager attention). Grouped-query heads share their K/V head in the matmuls themselves —
+    the queries of one K/V head and sample are stacked into one [groups * L, head_dim] matrix — instead of
+    copying K and V per query head (repeat_kv) and summing the copies' gradients back; the scale and the
+    causal mask ride in the first matmul (baddbmm's alpha and bias). Why by hand: on CPU, SDPA's flash
+    kernel makes a whole LoRA training step on SmolLM2 ~11% slower than this for samples of <= 256 tokens
+    (bench/README.md). The price is the [heads, L, L] probabilities kept for backward (+0.65 GB there),
+    hence only up to MATMUL_ATTENTION_MAX_LEN tokens per sample."""
+    heads, head_dim, kv_heads = query.shape[1], query.shape[3], key.shape[1]
+    length = query.shape[2] // count
     groups = heads // kv_heads  # query head h uses K/V head h // groups, as in repeat_kv
     mask = _causal_bias(length, groups, active_autocast_dtype(query.device) or query.dtype, query.device)
-    scores = torch.baddbmm(mask, query.reshape(kv_heads, groups * length, head_dim),
-                           key.reshape(kv_heads, length, head_dim).transpose(1, 2),
+    # [1, kv_heads * groups, count * L, d] -> [kv_heads * count, groups * L, d]: one matrix per (K/V head, sample)
+    q = query.reshape(kv_heads, groups, count, length, head_dim).transpose(1, 2)
+    scores = torch.baddbmm(mask, q.reshape(kv_heads * count, groups * length, head_dim),
+                           key.reshape(kv_heads * count, length, head_dim).transpose(1, 2),
                            alpha=head_dim ** -0.5 if scaling is None else scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.bmm(probs, value.reshape(kv_heads, length, head_dim)).view(1, heads, length, head_dim)
+    out = torch.bmm(probs, value.reshape(kv_heads * count, length, head_dim))
+    return out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2).reshape(1, heads, count * length, head_dim)
 
 
 @functools.lru_cache(maxsize=64)
