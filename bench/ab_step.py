@@ -32,6 +32,7 @@ from bench.train import METHODS, TARGET, module_swaps, tunelab_args
 SWITCHES = {
     "sliced_attention": "packed samples sliced out, K/V copied per query head, scale and mask as separate ops",
     "per_sample_attention": "one attention call per packed sample instead of one per run of equal lengths",
+    "fp32_softmax": "attention softmax to an fp32 tensor and a cast back instead of in the scores' dtype",
     "unfused_ce": "F.cross_entropy on an fp32 copy of the logits instead of the chunked loss",
     "rand_dropout": "dropout masks from one torch.rand draw per element instead of 16-bit lanes",
     "nn_dropout": "nn.Dropout's bernoulli_ masks (no dropout swap at all)",
@@ -78,8 +79,8 @@ def variant_contexts(model) -> dict[str, Callable[[], contextlib.AbstractContext
             for module, attr, param in frozen_bf16:
                 setattr(module, attr, param)
 
-    swaps = {name: module_swaps({name: True}) for name in ("sliced_attention", "per_sample_attention", "unfused_ce",
-                                                          "rand_dropout")}
+    swaps = {name: module_swaps({name: True}) for name in ("sliced_attention", "per_sample_attention", "fp32_softmax",
+                                                          "unfused_ce", "rand_dropout")}
     swaps["dense_sdpa"] = [(trainer, "pack_batch",
                             lambda inputs: None if bool(inputs["attention_mask"].all()) else own_pack(inputs))]
     swaps["no_packing"] = [(trainer, "pack_batch", lambda inputs: None)]

@@ -60,6 +60,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                          "why": "packed samples sliced out, scores scaled and masked by separate ops"},
     "per_sample_attention": {"variant": {"per_sample_attention": True},
                              "why": "one attention call per packed sample instead of per run of equal lengths"},
+    "fp32_softmax": {"variant": {"fp32_softmax": True},
+                     "why": "attention softmax to an fp32 tensor and a cast back instead of in the scores' dtype"},
     "per_call_casts": {"variant": {"per_call_casts": True},
                        "why": "autocast re-casts the frozen fp32 weights at every forward (no cast-once)"},
     "torch_dropout": {"variant": {"torch_dropout": True},
@@ -113,6 +115,7 @@ def trainer_class(variant: dict[str, Any]):
 def module_swaps(variant: dict[str, Any]) -> list[tuple[Any, str, Any]]:
     """(module, attribute, replacement) of the bench-only A/B switches that swap a function or constant of
     tunelab's: set for a whole worker process here, per timed step in bench.ab_step."""
+    import torch
     import torch.nn.functional as F
 
     import tunelab.speedups
@@ -127,6 +130,8 @@ def module_swaps(variant: dict[str, Any]) -> list[tuple[Any, str, Any]]:
         swaps.append((tunelab.speedups, "LANE_LEVELS", 1))
     if variant.get("per_sample_attention"):
         swaps.append((tunelab.trainer, "equal_length_runs", lambda lengths: [(n, 1) for n in lengths if n]))
+    if variant.get("fp32_softmax"):
+        swaps.append((tunelab.trainer, "SOFTMAX_DTYPE", torch.float32))
     if variant.get("sliced_attention"):
         own = tunelab.trainer.packed_attention
         swaps.append((tunelab.trainer, "packed_attention",

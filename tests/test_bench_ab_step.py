@@ -10,7 +10,8 @@ from tunelab.hparams import FinetuningArguments
 from tunelab.methods import prepare_model
 
 
-@pytest.mark.parametrize("name", ["default", "sliced_attention", "per_sample_attention", "unfused_ce", "rand_dropout", "nn_dropout",
+@pytest.mark.parametrize("name", ["default", "sliced_attention", "per_sample_attention", "fp32_softmax",
+                                  "unfused_ce", "rand_dropout", "nn_dropout",
                                   "dense_sdpa", "no_packing", "full_logits", "per_call_casts"])
 def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, name):
     from bench.ab_step import SWITCHES, variant_contexts
@@ -20,7 +21,7 @@ def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, n
                              FinetuningArguments(finetuning_type="lora", lora_target="q_proj,v_proj"))
     trainer.enable_packed_attention(model)
     before = (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, trainer.equal_length_runs,
-              speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION])
+              trainer.SOFTMAX_DTYPE, speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION])
     weights = {n: p for n, p in model.named_parameters()}
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -33,7 +34,7 @@ def test_each_switch_acts_inside_its_block_and_is_undone_after(tiny_llama_dir, n
             loss.backward()
             assert torch.isfinite(loss)
     assert (trainer.packed_attention, trainer.cross_entropy, trainer.pack_batch, trainer.equal_length_runs,
-            speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION]) == before
+            trainer.SOFTMAX_DTYPE, speedups.LANE_LEVELS, AttentionInterface()[trainer.PACKED_ATTENTION]) == before
     assert all(p is weights[n] for n, p in model.named_parameters())
 
 

@@ -69,6 +69,30 @@ def test_packed_matmul_attention_under_bf16_autocast_and_after_inference_mode(ti
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_matmul_attention_probabilities_are_the_fp32_softmax_rounded_once(monkeypatch):
+    """SOFTMAX_DTYPE None (the scores' bf16) gives bit-identical outputs to transformers' fp32 softmax + cast,
+    and gradients within bf16 rounding of it; two equal-length samples in one call equal two calls."""
+    import tunelab.trainer as trainer
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 2 * 7, 8, generator=g).requires_grad_() for heads in (4, 2, 2))
+
+    def run(dtype, count):
+        monkeypatch.setattr(trainer, "SOFTMAX_DTYPE", dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pieces = zip(q.split(7 * count, 2), k.split(7 * count, 2), v.split(7 * count, 2))
+            out = torch.cat([trainer._matmul_attention(*p, None, 0.0, count) for p in pieces], dim=2)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        return out, grads
+
+    out, grads = run(None, 2)
+    ref_out, ref_grads = run(torch.float32, 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert torch.equal(run(None, 1)[0], out)  # one batched call == one call per sample
+
+
 def test_equal_length_runs():
     assert equal_length_runs([256, 256, 90, 256]) == [(256, 2), (90, 1), (256, 1)]
     assert equal_length_runs([5, 0, 5, 5, 0]) == [(5, 3)]  # empty samples vanish from the packed row

@@ -69,6 +69,10 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 PACKED_ATTENTION = "tunelab_packed"  # the name packed_attention is registered under in transformers
 MATMUL_ATTENTION_MAX_LEN = 256  # longer samples go through SDPA (memory O(L), not O(L^2)), see _matmul_attention
+# _matmul_attention's softmax runs in the scores' own dtype (None): for bf16/fp16 scores torch's CPU kernel computes
+# in fp32 and rounds once, so the probabilities are bit-identical to transformers' fp32 softmax + cast back, minus
+# two full-size cast passes per layer (one forward, one backward); 1.05x per step on 256-token rows (bench/README.md)
+SOFTMAX_DTYPE: torch.dtype | None = None
 
 
 def pack_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -154,8 +158,8 @@ def _sdpa_attention(query, key, value, scaling, dropout, count=1):
 
 
 def _matmul_attention(query, key, value, scaling, dropout, count=1):
-    """The causal attention of `count` samples of one length L as two batched matmuls and an fp32 softmax
-    (transformers' eager attention). Grouped-query heads share their K/V head in the matmuls themselves —
+    """The causal attention of `count` samples of one length L as two batched matmuls and a softmax computed
+    in fp32 (transformers' eager attention; see SOFTMAX_DTYPE). Grouped-query heads share their K/V head in the matmuls themselves —
     the queries of one K/V head and sample are stacked into one [groups * L, head_dim] matrix — instead of
     copying K and V per query head (repeat_kv) and summing the copies' gradients back; the scale and the
     causal mask ride in the first matmul (baddbmm's alpha and bias). Why by hand: on CPU, SDPA's flash
@@ -171,7 +175,7 @@ def _matmul_attention(query, key, value, scaling, dropout, count=1):
     scores = torch.baddbmm(mask, q.reshape(kv_heads * count, groups * length, head_dim),
                            key.reshape(kv_heads * count, length, head_dim).transpose(1, 2),
                            alpha=head_dim ** -0.5 if scaling is None else scaling)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=SOFTMAX_DTYPE).to(scores.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     out = torch.bmm(probs, value.reshape(kv_heads * count, length, head_dim))
     return out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2).reshape(1, heads, count * length, head_dim)
