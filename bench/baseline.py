@@ -45,9 +45,8 @@ def train(rows_path: str, steps: int, warmup: int, batch: int = 8, learning_rate
                                  learning_rate=learning_rate, bf16=bf16, use_cpu=not torch.cuda.is_available(),
                                  save_strategy="no", report_to=[], train_sampling_strategy="sequential",
                                  logging_steps=1, seed=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-                          callbacks=[meter])
+        collate = meter.counting(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[meter])
         setup_s = time.perf_counter() - start
         trainer.train()
     return {**meter.summary(), "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}

@@ -136,30 +136,38 @@ def record_matmuls(model, vocab_size: int) -> tuple[dict[str, MatmulUse], list]:
 # ---------------------------------------------------------------- step meter
 
 def make_step_meter(model, vocab_size: int, warmup: int):
-    """A TrainerCallback that times every optimizer step and counts, per step, real tokens, rows through the
-    output projection and samples (a forward pre-hook on the top model reads its kwargs), and records the
-    matmul uses of the first forward for the FLOP formula."""
+    """A TrainerCallback that times every optimizer step and counts, per step, real tokens and samples (the
+    data collator wrapped by `counting`) and rows through the output projection (a forward pre-hook on the
+    top model reads its kwargs), and records the matmul uses of the first forward for the FLOP formula."""
     import torch
     from transformers import TrainerCallback
 
     class StepMeter(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
-            self.counts: list[tuple[int, int, int]] = []  # (tokens, head rows, samples) per forward
+            self.batches: list[tuple[int, int]] = []  # (real tokens, samples) per collated batch
+            self.heads: list[int] = []  # rows through the output projection per forward
             self.uses, self._matmul_hooks = record_matmuls(model, vocab_size)
             self._top = model.register_forward_pre_hook(self._count, with_kwargs=True)
             self._last = None
             self.losses: list[float] = []
 
+        def counting(self, collate):
+            """`collate` recording each batch's real tokens and samples as it builds them: the same count for
+            the baseline's padded batches and tunelab's packed rows, whatever packing does to a batch."""
+            def counted(features):
+                batch = collate(features)
+                ids, mask = batch["input_ids"], batch.get("attention_mask")
+                self.batches.append((int(mask.sum()) if mask is not None else ids.numel(), ids.shape[0]))
+                return batch
+            return counted
+
         def _count(self, module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
             keep = kwargs.get("logits_to_keep")
-            tokens = int(mask.sum()) if mask is not None else ids.numel()
             # tunelab passes a boolean mask of supervised positions; a plain model(labels=...) computes all
-            head = int(keep.sum()) if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool else ids.numel()
-            bounds = kwargs.get("cu_seq_lens_q")  # a padding-free packed batch: one row, several samples
-            self.counts.append((tokens, head, len(bounds) - 1 if bounds is not None else ids.shape[0]))
+            self.heads.append(int(keep.sum()) if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool
+                              else ids.numel())
 
         def on_train_begin(self, args, state, control, **kw):
             self._last = time.perf_counter()
@@ -179,12 +187,14 @@ def make_step_meter(model, vocab_size: int, warmup: int):
                 self.losses.append(float(logs["loss"]))
 
         def summary(self) -> dict[str, Any]:
-            if len(self.counts) != len(self.times):
-                raise RuntimeError(f"{len(self.counts)} forwards for {len(self.times)} steps: "
-                                   "the bench needs gradient_accumulation_steps 1 and no eval")
+            if not len(self.batches) == len(self.heads) == len(self.times):
+                raise RuntimeError(f"{len(self.batches)} batches and {len(self.heads)} forwards for "
+                                   f"{len(self.times)} steps: the bench needs gradient_accumulation_steps 1, "
+                                   "no eval and its collator wrapped by counting()")
             uses = list(self.uses.values())
-            steps = [{"time": t, "tokens": c[0], "head_rows": c[1], "samples": c[2],
-                      "flops": step_flops(uses, c[0], c[1])} for t, c in zip(self.times, self.counts)]
+            steps = [{"time": t, "tokens": tokens, "head_rows": head, "samples": samples,
+                      "flops": step_flops(uses, tokens, head)}
+                     for t, (tokens, samples), head in zip(self.times, self.batches, self.heads)]
             return {"steps": steps, "warmup": warmup, "losses": self.losses, "matmuls": len(uses),
                     "trainable_matmuls": sum(u.weight_grad for u in uses),
                     "input_grad_matmuls": sum(u.input_grad for u in uses)}

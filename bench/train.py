@@ -184,9 +184,9 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
         model, info = methods.prepare_model(model, args.finetune)
         dataset = load_rows(cfg["rows"], (cfg["warmup"] + cfg["steps"]) * cfg["batch"])
         meter = make_step_meter(model, model.config.vocab_size, cfg["warmup"])
+        collate = meter.counting(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
         trainer = trainer_class(cfg["variant"])(
-            model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+            model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer, data_collator=collate,
             method_info=info, base_model=base_path, run_args=args.to_dict(), callbacks=[meter])
         setup_s = time.perf_counter() - start
         trainer.train()
