@@ -11,9 +11,10 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
   transformers' public AttentionInterface). Same samples, same order, same targets, so the same loss up
   to float noise — minus the FLOPs spent on padding (tests/test_speed.py; 1.6x on alpaca rows cut at 256
   tokens, bench/README.md). On a CPU, batches without padding are packed too when their rows fit the
-  matmul attention (12% faster than SDPA on the dense batch). With LoRA dropout the random masks are
-  drawn over the packed tensor, so a seeded run draws different (equally distributed) masks than a
-  padded one would;
+  matmul attention (12% faster than SDPA on the dense batch); consecutive samples of one length share one
+  batched attention call, so a batch without padding makes one call per layer. With LoRA dropout the
+  random masks are drawn over the packed tensor, so a seeded run draws different (equally distributed)
+  masks than a padded one would;
 - frozen weights cast once: under bf16/fp16 autocast the frozen nn.Linear weights are held in that dtype
   for the whole of training instead of being re-cast at every forward (tunelab.speedups.py; same
   numbers, fewer bytes moved per step);
