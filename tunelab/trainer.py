@@ -160,13 +160,13 @@ def _sdpa_attention(query, key, value, scaling, dropout, count=1):
 
 def _matmul_attention(query, key, value, scaling, dropout, count=1):
     """The causal attention of `count` samples of one length L as two batched matmuls and a softmax computed
-    in fp32 (transformers' eager attention; see SOFTMAX_DTYPE). Grouped-query heads share their K/V head in the matmuls themselves —
-    the queries of one K/V head and sample are stacked into one [groups * L, head_dim] matrix — instead of
-    copying K and V per query head (repeat_kv) and summing the copies' gradients back; the scale and the
-    causal mask ride in the first matmul (baddbmm's alpha and bias). Why by hand: on CPU, SDPA's flash
-    kernel makes a whole LoRA training step on SmolLM2 ~11% slower than this for samples of <= 256 tokens
-    (bench/README.md). The price is the [heads, L, L] probabilities kept for backward (+0.65 GB there),
-    hence only up to MATMUL_ATTENTION_MAX_LEN tokens per sample."""
+    in fp32 (transformers' eager attention; see SOFTMAX_DTYPE). Grouped-query heads share their K/V head in
+    the matmuls themselves — the queries of one K/V head and sample are stacked into one [groups * L,
+    head_dim] matrix — instead of copying K and V per query head (repeat_kv) and summing the copies'
+    gradients back; the scale and the causal mask ride in the first matmul (baddbmm's alpha and bias).
+    Why by hand: on CPU, SDPA's flash kernel makes a whole LoRA training step on SmolLM2 ~11% slower than
+    this for samples of <= 256 tokens (bench/README.md). The price is the [heads, L, L] probabilities kept
+    for backward (~0.3 GB in bf16 there), hence only up to MATMUL_ATTENTION_MAX_LEN tokens per sample."""
     heads, head_dim, kv_heads = query.shape[1], query.shape[3], key.shape[1]
     length = query.shape[2] // count
     groups = heads // kv_heads  # query head h uses K/V head h // groups, as in repeat_kv
@@ -179,7 +179,8 @@ def _matmul_attention(query, key, value, scaling, dropout, count=1):
     probs = torch.softmax(scores, dim=-1, dtype=SOFTMAX_DTYPE).to(scores.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     out = torch.bmm(probs, value.reshape(kv_heads * count, length, head_dim))
-    return out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2).reshape(1, heads, count * length, head_dim)
+    out = out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2)  # back to [heads, count, L, d]
+    return out.reshape(1, heads, count * length, head_dim)
 
 
 @functools.lru_cache(maxsize=64)
