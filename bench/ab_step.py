@@ -159,7 +159,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.allocator import reexec_with_tcmalloc
+    from bench.allocator import reexec_under_allocator
 
     parser = argparse.ArgumentParser(prog="python -m bench.ab_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help=f"comma-separated switches (default: all of {', '.join(SWITCHES)})")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    reexec_with_tcmalloc()
+    reexec_under_allocator()
     from pathlib import Path
 
     args.out = Path(args.out)

@@ -11,19 +11,16 @@ from __future__ import annotations
 import os
 import sys
 
-from tunelab.allocator import active_allocator, allocator_env, find_tcmalloc
+from tunelab.allocator import active_allocator, allocator_env, find_tcmalloc, reexec
 
-__all__ = ["active_allocator", "find_tcmalloc", "reexec_with_tcmalloc"]
+__all__ = ["active_allocator", "find_tcmalloc", "reexec_under_allocator"]
 
 
-def reexec_with_tcmalloc() -> None:
+def reexec_under_allocator() -> None:
     """Replace this process by the same command under the chosen allocator; returns only when there is
     nothing to change (see tunelab.allocator.allocator_env)."""
     env = allocator_env(os.environ)
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # sys.orig_argv is the command line as typed (keeps `-m pkg`), so `python -m tunelab` and the
-    # `tunelab` console script both come back as themselves
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    if env is not None:
+        # sys.orig_argv is the command line as typed (keeps `-m pkg`), so a `python -m bench.train --worker`
+        # process comes back as itself
+        reexec(sys.orig_argv[1:], env)

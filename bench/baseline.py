@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # bench.train's subprocess call: JSON config
     args = parser.parse_args(argv)
     if args.worker:
-        from bench.allocator import active_allocator, reexec_with_tcmalloc
+        from bench.allocator import active_allocator, reexec_under_allocator
 
-        reexec_with_tcmalloc()  # a no-op under TUNELAB_ALLOCATOR=system (the orchestrator decides)
+        reexec_under_allocator()  # a no-op under TUNELAB_ALLOCATOR=system (the orchestrator decides)
         cfg = json.loads(args.worker)
         before = speed_probe()
         result = train(cfg["rows"], cfg["steps"], cfg["warmup"], bf16=cfg.get("bf16", True))

@@ -55,9 +55,9 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(cfg: dict[str, Any]) -> None:
-    from bench.allocator import active_allocator, reexec_with_tcmalloc
+    from bench.allocator import active_allocator, reexec_under_allocator
 
-    reexec_with_tcmalloc()
+    reexec_under_allocator()
     before = speed_probe()
     result = generate(cfg)
     emit({**cfg, **result, "allocator": active_allocator(), "probe_gflops": [before, speed_probe()]})

@@ -195,9 +195,9 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(cfg: dict[str, Any]) -> None:
-    from bench.allocator import active_allocator, reexec_with_tcmalloc
+    from bench.allocator import active_allocator, reexec_under_allocator
 
-    reexec_with_tcmalloc()  # a no-op under TUNELAB_ALLOCATOR=system (the orchestrator decides per row)
+    reexec_under_allocator()  # a no-op under TUNELAB_ALLOCATOR=system (the orchestrator decides per row)
     before = speed_probe()
     result = train_tunelab(cfg)
     emit({**cfg, **result, "allocator": active_allocator(), "probe_gflops": [before, speed_probe()]})

@@ -45,3 +45,26 @@ def test_choices(tcmalloc):
     assert allocator_env({"LD_PRELOAD": "libtcmalloc.so.4"}) is None  # preloaded by the user already
     with pytest.raises(TunelabError, match="did you mean glibc"):
         allocator_env({"TUNELAB_ALLOCATOR": "glib"})
+
+
+def test_bench_workers_reexec_their_own_command_line_once(monkeypatch):
+    """bench workers come back as the command typed (`python -m bench.train --worker ...`), under the env
+    allocator_env returns; with nothing to change they carry on in the same process."""
+    import os
+    import sys
+
+    from bench.allocator import reexec_under_allocator
+
+    calls = []
+
+    def execve(path, args, env):
+        calls.append((path, args, env))
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "bench.train", "--worker", "{}"])
+    monkeypatch.setattr("bench.allocator.allocator_env", lambda environ: None)
+    reexec_under_allocator()
+    assert calls == []
+    monkeypatch.setattr("bench.allocator.allocator_env", lambda environ: {ACTIVE: "tcmalloc"})
+    reexec_under_allocator()
+    assert calls == [(sys.executable, [sys.executable, "-m", "bench.train", "--worker", "{}"], {ACTIVE: "tcmalloc"})]

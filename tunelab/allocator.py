@@ -23,6 +23,7 @@ import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from tunelab.errors import TunelabError, closest
 
@@ -64,6 +65,13 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     if platform.libc_ver()[0] != "glibc" or any(k in environ for k in GLIBC_TUNING):
         return None
     return {**environ, **GLIBC_TUNING, ACTIVE: "glibc"}
+
+
+def reexec(args: list[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process by `python *args` under `env` (what allocator_env returned), output flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *args], env)
 
 
 def active_allocator() -> str:

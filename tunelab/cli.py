@@ -54,7 +54,7 @@ def entry() -> int:
     commands with hot loops, then runs main()."""
     import os
 
-    from tunelab.allocator import allocator_env
+    from tunelab.allocator import allocator_env, reexec
 
     argv = sys.argv[1:]
     try:
@@ -63,8 +63,7 @@ def entry() -> int:
         print(f"tunelab: error: {err}", file=sys.stderr)
         return 2
     if env is not None:
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+        reexec(["-m", "tunelab", *argv], env)
     return main(argv)
 
 
