@@ -153,7 +153,7 @@ def sliced_packed_attention(own, module, query, key, value, attention_mask, drop
     from transformers.integrations.sdpa_attention import repeat_kv
 
     if kwargs.get("cu_seq_lens_q") is None:  # an unpacked batch: tunelab's own (SDPA) path
-        return tunelab_packed_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = kwargs["cu_seq_lens_q"].tolist()
     outputs = []
     for s, e in zip(bounds[:-1], bounds[1:]):

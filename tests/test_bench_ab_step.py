@@ -46,3 +46,16 @@ def test_summary_is_the_median_of_paired_ratios():
     assert lines["default"]["speedup_of_default"] == 1.0
     assert lines["unfused_ce"]["speedup_of_default"] == pytest.approx(1.1)  # median of 1.1, 1.2, 1.0
     assert (lines["unfused_ce"]["min_ratio"], lines["unfused_ce"]["max_ratio"]) == pytest.approx((1.0, 1.2))
+
+
+def test_sliced_variant_passes_unpacked_batches_to_tunelab_attention():
+    """The bench's previous-version attention leaves unpacked batches (no sample bounds) to tunelab's own path."""
+    from bench.train import sliced_packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 5, 8, generator=g) for heads in (4, 2, 2))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    ours, _ = trainer.packed_attention(module, q, k, v, None)
+    sliced, _ = sliced_packed_attention(trainer.packed_attention, module, q, k, v, None)
+    assert torch.equal(sliced, ours)
