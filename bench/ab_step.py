@@ -79,8 +79,7 @@ def variant_contexts(model) -> dict[str, Callable[[], contextlib.AbstractContext
             for module, attr, param in frozen_bf16:
                 setattr(module, attr, param)
 
-    swaps = {name: module_swaps({name: True}) for name in ("sliced_attention", "per_sample_attention", "fp32_softmax",
-                                                          "unfused_ce", "rand_dropout")}
+    swaps = {name: swap for name in SWITCHES if (swap := module_swaps({name: True}))}  # bench.train's swaps
     swaps["dense_sdpa"] = [(trainer, "pack_batch",
                             lambda inputs: None if bool(inputs["attention_mask"].all()) else own_pack(inputs))]
     swaps["no_packing"] = [(trainer, "pack_batch", lambda inputs: None)]

@@ -179,7 +179,7 @@ def _matmul_attention(query, key, value, scaling, dropout, count=1):
     probs = torch.softmax(scores, dim=-1, dtype=SOFTMAX_DTYPE).to(scores.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     out = torch.bmm(probs, value.reshape(kv_heads * count, length, head_dim))
-    out = out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2)  # back to [heads, count, L, d]
+    out = out.view(kv_heads, count, groups, length, head_dim).transpose(1, 2)  # [kv_heads, groups, count, L, d]
     return out.reshape(1, heads, count * length, head_dim)
 
 
