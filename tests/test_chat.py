@@ -139,12 +139,12 @@ def test_p_tuning_checkpoint_streams_like_it_generates(tiny_llama_dir, tmp_path)
 def test_freeze_and_full_checkpoints_load(tiny_llama_dir, tmp_path, make):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.methods import load_trainable, read_method
+    from tunelab.methods import get_method, load_trainable, read_method
 
     ckpt = make(tiny_llama_dir, tmp_path / "ckpt")
     engine = ChatEngine.from_args(parse_args(["--checkpoint_dir", str(ckpt)]))
     meta = read_method(ckpt)
-    base = ckpt if meta["finetuning_type"] == "full" else tiny_llama_dir
+    base = ckpt if get_method(meta["finetuning_type"]).whole_model else tiny_llama_dir
     expected = load_trainable(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ckpt, meta)
     ids = torch.tensor([engine.prompt_ids(to_messages("Hello"))])
     with torch.no_grad():

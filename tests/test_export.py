@@ -13,6 +13,7 @@ from chat_helpers import make_freeze, make_full, make_lora, make_p_tuning
 
 from tunelab.errors import TunelabError
 from tunelab.export import EXPORT_FILE, main, parse_size, renders_system, with_default_system
+from tunelab.methods import get_method, method_names
 
 PREFIX = "You are Haruhi."
 IDS = [5, 17, 42, 99, 123, 7, 250, 3]
@@ -83,13 +84,13 @@ def _adapter_logits(base_dir, ckpt):
     from tunelab.methods import load_trainable, read_method
 
     meta = read_method(ckpt)
-    base = ckpt if meta["finetuning_type"] == "full" else base_dir  # a full checkpoint is its own base
+    base = ckpt if get_method(meta["finetuning_type"]).whole_model else base_dir  # a full checkpoint is its own base
     model = load_trainable(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ckpt, meta)
     with torch.no_grad():
         return model(torch.tensor([IDS])).logits
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "full"])
+@pytest.mark.parametrize("method", method_names(lambda m: m.trains and m.merge is not None))  # all that export
 def test_export_reloads_in_plain_transformers_with_equal_logits(exported, tiny_llama_dir, method):
     ckpts, outs, loaded = exported
     got = torch.tensor(loaded[str(outs[method])]["logits"])

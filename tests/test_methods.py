@@ -1,11 +1,20 @@
-"""Methods as model-preparation steps: what each trains (analytic counts), and save/load round trips."""
+"""Methods as model-preparation steps: what each trains (analytic counts), the registry (lookups, errors,
+one record per method), every registered method's prepare -> save -> load -> restore round trip, and a
+method added in a test alone (IA3 through peft) working end to end."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.hparams import FinetuningArguments, TunelabError
-from tunelab.methods import count_params, load_checkpoints, prepare_model, save_trainable
+from tunelab import methods
+from tunelab.hparams import FinetuningArguments, TunelabError, parse_args
+from tunelab.methods import (REGISTRY, Method, MethodInfo, base_model_for, count_params, get_method, load_checkpoints,
+                             method_names, prepare_model, read_method, register_method, restore_trainable,
+                             save_trainable)
+from tunelab.methods import lora as lora_method
 
 
 def _load(path):
@@ -60,30 +69,115 @@ def test_p_tuning_counts(tiny_llama_dir):
     assert info.trainable_params == 5 * cfg.num_hidden_layers * 2 * kv
 
 
+
+# ---- the registry ----
+
+VALID = ", ".join(REGISTRY)  # "lora, freeze, p_tuning, full, none"
+
+
+def test_registry_holds_the_2023_methods_in_help_order():
+    assert method_names() == ("lora", "freeze", "p_tuning", "full", "none")
+    assert method_names(lambda m: m.trains) == ("lora", "freeze", "p_tuning", "full")
+    assert [m.name for m in REGISTRY.values() if m.whole_model] == ["full"]
+    assert [m.name for m in REGISTRY.values() if m.merge is None] == ["p_tuning"]  # export refuses it
+    assert all(get_method(name).name == name for name in REGISTRY)
+
+
+def test_the_flag_takes_every_registered_method_and_only_those():
+    for name in REGISTRY:
+        assert parse_args(["--finetuning_type", name]).finetune.finetuning_type == name
+    with pytest.raises(TunelabError, match="invalid choice: 'adapter'"):
+        parse_args(["--finetuning_type", "adapter"])
+
+
+def test_each_method_reads_only_real_options():
+    fields = {f.name for f in dataclasses.fields(FinetuningArguments)}
+    for method in REGISTRY.values():
+        assert set(method.options) <= fields, method.name
+        assert method.help and method.label
+
+
 def test_unknown_method_names_valid_ones(tiny_llama_dir):
+    with pytest.raises(TunelabError, match=f"unknown finetuning_type 'adapter': valid: {VALID}"):
+        get_method("adapter")
     with pytest.raises(TunelabError, match="lora, freeze, p_tuning, full, none"):
         prepare_model(_load(tiny_llama_dir), FinetuningArguments(finetuning_type="adapter"))
+    with pytest.raises(TunelabError, match=f"unknown finetuning_type 'adapter': valid: {VALID}"):
+        save_trainable(_load(tiny_llama_dir), "/nonexistent/never-written", MethodInfo("adapter"), base_model="x")
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "p_tuning", "full"])
-def test_save_then_load_gives_same_logits(tiny_llama_dir, tmp_path, method):
-    model, info = prepare_model(_load(tiny_llama_dir), FinetuningArguments(finetuning_type=method, lora_target="all"))
-    with torch.no_grad():  # move the trainable weights away from their init so the round trip means something
+def test_a_checkpoint_of_an_unknown_method_fails_everywhere(tiny_llama_dir, tmp_path):
+    (tmp_path / "tunelab_method.json").write_text(json.dumps({"finetuning_type": "adapter", "base_model": "b"}))
+    meta, model = read_method(tmp_path), _load(tiny_llama_dir)
+    where = f"unknown finetuning_type 'adapter' in checkpoint {tmp_path}: valid: {VALID}"
+    for attempt in (lambda: load_checkpoints(model, [str(tmp_path)]), lambda: restore_trainable(model, tmp_path, meta),
+                    lambda: base_model_for([str(tmp_path)]), lambda: methods.load_trainable(model, tmp_path, meta)):
+        with pytest.raises(TunelabError, match=where):
+            attempt()
+
+
+def test_a_name_registers_once_and_records_are_checked():
+    with pytest.raises(TunelabError, match="already registered"):
+        register_method(REGISTRY["lora"], dict(REGISTRY))
+    with pytest.raises(TunelabError, match="weight files"):  # a method that trains must say what it saves
+        dataclasses.replace(REGISTRY["lora"], name="lora2", weight_files=())
+    with pytest.raises(TunelabError, match="plain identifier"):
+        dataclasses.replace(REGISTRY["lora"], name="lo ra")
+
+
+def test_a_method_that_trains_cannot_save_a_checkpoint_without_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    forgetful = dataclasses.replace(REGISTRY["freeze"], name="forgetful", save=lambda model, out, state_dict: None)
+    monkeypatch.setattr(methods, "REGISTRY", dict(REGISTRY))
+    register_method(forgetful)
+    model, info = prepare_model(_load(tiny_llama_dir), FinetuningArguments(finetuning_type="forgetful"))
+    with pytest.raises(TunelabError, match="'forgetful' saved no weights .* freeze_weights.safetensors"):
+        save_trainable(model, tmp_path, info, base_model=str(tiny_llama_dir))
+    assert not (tmp_path / "tunelab_method.json").exists()
+
+
+# ---- every method: prepare -> save -> load (merged) -> restore (resume) ----
+
+def _nudge_trainable(model):
+    """Move the trainable weights away from their init, so a round trip that loses them shows."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-        want = model.eval()(input_ids=_ids(model)).logits
-    save_trainable(model, tmp_path, info, base_model=str(tiny_llama_dir))
-    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
-    base = _load(tmp_path if method == "full" else tiny_llama_dir)
-    loaded, meta = load_checkpoints(base, [str(tmp_path)], merge=True)
-    assert meta["finetuning_type"] == method
+
+
+def _logits(model):
     with torch.no_grad():
-        got = loaded.eval()(input_ids=_ids(loaded)).logits
-    assert torch.allclose(got, want, atol=1e-5)
+        return model.eval()(input_ids=_ids(model)).logits
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "p_tuning"])
+def round_trip(name, base_dir, out, **options):
+    """Save a nudged prepared model, then check that loading (merged, on a fresh base) and restoring (into a
+    freshly prepared model, as resume does) both give its logits back."""
+    ft = FinetuningArguments(finetuning_type=name, **options)
+    model, info = prepare_model(_load(base_dir), ft)
+    _nudge_trainable(model)
+    want = _logits(model)
+    save_trainable(model, out, info, base_model=str(base_dir))
+    method = get_method(name)
+    assert any((out / f).is_file() for f in method.weight_files) or not method.trains
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    assert read_method(out)["finetuning_type"] == name and base_model_for([str(out)]) in (str(base_dir), str(out))
+    loaded, meta = load_checkpoints(_load(base_model_for([str(out)])), [str(out)], merge=True)
+    assert meta["finetuning_type"] == name
+    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-5)
+    fresh, _ = prepare_model(_load(base_dir), ft)
+    if method.trains:  # the fresh model differs until its weights are restored
+        assert (_logits(fresh) - want).abs().max() > 1e-4
+    restore_trainable(fresh, out, meta)
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_round_trips(tiny_llama_dir, tmp_path, method):
+    round_trip(method, tiny_llama_dir, tmp_path / "ckpt", lora_target="all")
+
+
+@pytest.mark.parametrize("method", method_names(lambda m: m.trains and not m.whole_model))
 def test_save_from_a_gathered_state_dict_matches(tiny_llama_dir, tmp_path, method):
     """ZeRO-3 / FSDP hand _save the gathered full state_dict: the files must equal a plain save."""
     from safetensors.torch import load_file
@@ -94,3 +188,30 @@ def test_save_from_a_gathered_state_dict_matches(tiny_llama_dir, tmp_path, metho
     for f in (tmp_path / "plain").glob("*.safetensors"):
         a, b = load_file(str(f)), load_file(str(tmp_path / "gathered" / f.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- adding a method is one record: IA3 (peft), written here and nowhere else ----
+
+def prepare_ia3(model, ft):
+    from peft import IA3Config, get_peft_model
+
+    names = ["k_proj", "v_proj", "down_proj"]
+    model = get_peft_model(model, IA3Config(target_modules=names, feedforward_modules=["down_proj"],
+                                            task_type="CAUSAL_LM"))
+    return model, MethodInfo("ia3", names, list(range(model.config.num_hidden_layers)))
+
+
+IA3 = Method(name="ia3", label="IA3", help="learned scaling vectors on k, v and the MLP output (peft)", options=(),
+             prepare=prepare_ia3, save=lora_method.save, load=lora_method.load, restore=lora_method.restore,
+             merge=lora_method.merge, trains=True, weight_files=lora_method.METHOD.weight_files)
+
+
+def test_a_new_method_is_one_registered_record(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "REGISTRY", dict(REGISTRY))  # a registry copy: the package's table is untouched
+    register_method(IA3)
+    assert "ia3" in method_names(lambda m: m.trains)
+    round_trip("ia3", tiny_llama_dir, tmp_path / "ckpt")
+    cfg = _load(tiny_llama_dir).config
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    want = cfg.num_hidden_layers * (2 * kv + cfg.intermediate_size)  # a scale per k/v output, per down_proj input
+    assert json.loads((tmp_path / "ckpt" / "tunelab_method.json").read_text())["trainable_params"] == want

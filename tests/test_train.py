@@ -7,16 +7,15 @@ import pytest
 
 from tunelab.cli import main
 from tunelab.hparams import TunelabError, parse_args
+from tunelab.methods import get_method, method_names
 from tunelab.train import run
 
-METHOD_FLAGS = {
+METHOD_FLAGS = {  # one row per registered method that trains: flags that make its loss fall clearly in 6 epochs
     "lora": ["--lora_target", "qkv", "--learning_rate", "2e-2"],
     "freeze": ["--num_layer_trainable", "2", "--name_module_trainable", "mlp", "--learning_rate", "2e-2"],
     "p_tuning": ["--pre_seq_len", "4", "--learning_rate", "2e-1"],
     "full": ["--learning_rate", "5e-3"],
 }
-WEIGHT_FILES = {"lora": "adapter_model.safetensors", "freeze": "freeze_weights.safetensors",
-                "p_tuning": "prefix_encoder.safetensors", "full": "model.safetensors"}
 
 
 def train_argv(model_dir, data_dir, out, method="lora", *extra):
@@ -32,7 +31,7 @@ def losses(out):
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "p_tuning", "full"])
+@pytest.mark.parametrize("method", method_names(lambda m: m.trains))
 def test_each_method_trains_and_writes_its_files(tiny_llama_dir, tiny_data_dir, tmp_path, method):
     out = tmp_path / "run"
     run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, method)))
@@ -40,7 +39,8 @@ def test_each_method_trains_and_writes_its_files(tiny_llama_dir, tiny_data_dir, 
     # deterministic data seen repeatedly: the loss must fall clearly, not just wobble
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.05 and min(curve[-2:]) < min(curve[:2]), curve
     for name in ("train_results.json", "all_results.json", "trainer_state.json", "tunelab_args.json",
-                 "env.json", "trainable.json", "tunelab_method.json", "training_loss.png", WEIGHT_FILES[method]):
+                 "env.json", "trainable.json", "tunelab_method.json", "training_loss.png",
+                 get_method(method).weight_files[0]):
         assert (out / name).is_file(), name
     results = json.loads((out / "train_results.json").read_text())
     assert {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"} <= set(results)

@@ -97,17 +97,18 @@ def export_chat_template(tokenizer, template_name: str, source_prefix: str | Non
 # ---- export ----
 
 def check_checkpoints(ckpts: list[str]) -> list[dict]:
-    """Methods of the checkpoints; refuses P-Tuning v2 before anything is loaded."""
-    from tunelab.methods import read_method
+    """Methods of the checkpoints; refuses those that cannot merge (P-Tuning v2) before anything is loaded."""
+    from tunelab.methods import get_method, read_method
 
     if not ckpts:
         raise TunelabError("give --checkpoint_dir: export merges tunelab checkpoints into their base model")
     metas = [read_method(c) for c in ckpts]
     for ckpt, meta in zip(ckpts, metas):
-        if meta["finetuning_type"] == "p_tuning":
+        method = get_method(meta["finetuning_type"], f" in checkpoint {ckpt}")
+        if method.merge is None:  # P-Tuning v2: its prefix is extra attention keys/values
             raise TunelabError(
-                f"{ckpt} is a P-Tuning v2 checkpoint, which cannot be merged into the model: its prefix is extra "
-                "attention keys/values, not a change of any weight. Serve it with `tunelab serve` or `tunelab chat`.")
+                f"{ckpt} is a {method.label} checkpoint, which cannot be merged into the model: what it trained "
+                "is not a change of any of the model's weights. Serve it with `tunelab serve` or `tunelab chat`.")
     return metas
 
 

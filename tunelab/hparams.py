@@ -22,11 +22,11 @@ from typing import Any
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
+from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "freeze", "p_tuning", "full", "none")
 GENERATION_PRESETS = {
     # ChatGLM-Efficient-Tuning's April 2023 eval settings (sampled decoding, total length 768).
     "seed2023": {"do_sample": True, "top_p": 0.7, "temperature": 0.95, "max_length": 768},
@@ -65,7 +65,9 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    finetuning_type: str = _opt("lora", f"Method: {', '.join(METHODS)}.", choices=list(METHODS))
+    finetuning_type: str = _opt(  # choices and help come from the method registry (tunelab/methods/)
+        "lora", "Method: " + ", ".join(f"{m.name} ({m.help})" for m in METHOD_REGISTRY.values()) + ".",
+        choices=list(METHOD_REGISTRY))
     lora_rank: int = _opt(8, "LoRA rank r.")
     lora_alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = _opt(0.1, "Dropout on the LoRA input.")

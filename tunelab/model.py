@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tunelab.hparams import ModelArguments, TunelabError
+from tunelab.targets import num_layers  # noqa: F401  (moved to targets; kept importable here)
 from tunelab.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -189,12 +190,3 @@ def load_model_and_tokenizer(model_args: ModelArguments, dtype: torch.dtype = to
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     model = load_model(path, model_args.trust_remote_code, dtype)
     return model, tokenizer, path
-
-
-def num_layers(config) -> int:
-    """Decoder layer count under any of the common config names (Llama/Qwen2/GLM, GPT-2, ChatGLM)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise TunelabError(f"cannot tell the layer count of model type '{getattr(config, 'model_type', '?')}'")

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.hparams import TunelabError
-from tunelab.model import num_layers
+from tunelab.errors import TunelabError
+from tunelab.targets import num_layers
 
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_CONFIG = "prefix_config.json"

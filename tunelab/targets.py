@@ -166,6 +166,15 @@ def describe_modules(module_names: list[str], max_outside: int = 12) -> str:
     return "; ".join(parts) or "(no modules)"
 
 
+def num_layers(config) -> int:
+    """Decoder layer count under any of the common config names (Llama/Qwen2/GLM, GPT-2, ChatGLM)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise TunelabError(f"cannot tell the layer count of model type '{getattr(config, 'model_type', '?')}'")
+
+
 def format_target_table(selected: list[str], num_layers: int) -> str:
     """The chosen modules as a small table printed before training, consecutive identical layers merged:
 

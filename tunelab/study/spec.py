@@ -274,11 +274,11 @@ def _normalize_row(row: Any, where: str) -> dict[str, Any]:
     rid = row.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool) or rid < 1:
         raise TunelabError(f"{where}: 'id' must be an integer >= 1 (0 is the base row)")
-    from tunelab.hparams import METHODS
+    from tunelab.methods import method_names
 
     options = _options(row.get("options") or {}, f"{where}: options")
     method = row.get("method", options.get("finetuning_type"))
-    trainable = [m for m in METHODS if m != "none"]
+    trainable = method_names(lambda m: m.trains)
     if method not in trainable:
         raise TunelabError(f"{where}: 'method' must be one of {', '.join(trainable)} (got {method!r})")
     if options.setdefault("finetuning_type", method) != method:

@@ -1,0 +1,56 @@
+"""LoRA (peft): low-rank adapters on the chosen linear layers. Saved as a peft adapter directory
+(adapter_model.safetensors + adapter_config.json); merged into the weights for eval and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.methods.base import Method, MethodInfo, layer_spec, layers_of, resolve_modules
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tunelab.hparams import FinetuningArguments
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+
+
+def prepare(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module, MethodInfo]:
+    from peft import LoraConfig, get_peft_model
+
+    names = resolve_modules(model, ft.lora_target, layer_spec(ft, model), ft.target_match)
+    config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                        target_modules=names, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    extra = {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout}
+    return model, MethodInfo("lora", names, layers_of(names), extra=extra)
+
+
+def save(model: nn.Module, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+
+
+def load(model: nn.Module, ckpt: Path, is_trainable: bool) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(ckpt), is_trainable=is_trainable)
+
+
+def restore(model: nn.Module, ckpt: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / ADAPTER_WEIGHTS)))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    return model.merge_and_unload()
+
+
+METHOD = Method(
+    name="lora", label="LoRA", help="peft low-rank adapters on the --lora_target modules",
+    options=("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "target_layers", "target_match"),
+    prepare=prepare, save=save, load=load, restore=restore, merge=merge,
+    trains=True, weight_files=(ADAPTER_WEIGHTS,))
