@@ -1,7 +1,7 @@
 """The one training loop: HF `Trainer` with tunelab's loss and pickle-free checkpoints.
 
 Every method trains through `TunelabTrainer`; methods differ only in the model they hand it
-(tunelab/methods.py). What this subclass changes, and why:
+(tunelab/methods/). What this subclass changes, and why:
 - loss: cross-entropy computed only at supervised positions (`logits_to_keep` as a boolean mask, a public
   transformers API), so the vocab projection is skipped for prompt tokens — same value as the full-logits
   loss, fewer FLOPs (tests/test_trainer.py checks equality); on a CPU the cross-entropy runs in cache-sized
