@@ -18,6 +18,7 @@ The optimizer step is left out (the same for every variant here). Raw times: run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import functools
 import statistics
@@ -97,14 +98,14 @@ def run(args) -> dict[str, Any]:
 
     import tunelab.trainer as trainer
     from tunelab import methods, speedups
-    from tunelab.train import load_base, prepare_training_args
+    from tunelab.setup import load_base, training_args
 
     cfg = {"batch": args.batch, "warmup": 0, "steps": 1, "flags": METHODS[TARGET]}
     rows = build_rows(Workload(args.workload), args.out)
     with tempfile.TemporaryDirectory() as out:
         targs = tunelab_args(cfg, out)
-        prepare_training_args(targs)
-        model, tokenizer, _, _ = load_base(targs)
+        targs = dataclasses.replace(targs, training=training_args(targs))
+        model, tokenizer, _ = load_base(targs.model, [])
         tokenizer.padding_side = "right"
         model, _ = methods.prepare_model(model, targs.finetune)
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)

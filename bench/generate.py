@@ -16,6 +16,7 @@ answers are identical to batch 1's (greedy answers can differ by float noise of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,18 +28,17 @@ from bench.common import DEFAULT_OUT, REPO, emit, machine, peak_rss_mb, run_work
 def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from tunelab.evaluate import autocast
     from tunelab.generation import generate_batched, generation_kwargs
     from tunelab.hparams import parse_args
     from tunelab.model import load_model_and_tokenizer
     from tunelab.preprocess import build_dataset
-    from tunelab.train import resolve_precision
+    from tunelab.setup import autocast, resolve_precision
 
     args = parse_args(["--do_predict", "--output_dir", str(REPO / "runs" / "bench" / "unused"), "--dataset",
                        "alpaca_gpt4_en", "--dataset_dir", str(REPO / "data"), "--max_samples", str(cfg["samples"]),
                        "--max_new_tokens", str(cfg["max_new_tokens"]), "--use_cpu", str(not torch.cuda.is_available()),
                        *(["--bf16", "false"] if cfg.get("fp32") else [])])
-    resolve_precision(args)
+    args = dataclasses.replace(args, training=resolve_precision(args))
     model, tokenizer, _ = load_model_and_tokenizer(args.model)
     model.eval()
     tokenizer.padding_side = "left"

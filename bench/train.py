@@ -15,8 +15,8 @@ start and end of the same run (bench.matmul; FLOP formula in bench.common), peak
 ratios to the baseline row, and the row's speed probe. Per-step rates are pooled over repeats and the
 median is printed; all raw numbers go to runs/bench/train-<time>.json.
 
-tunelab rows run through tunelab's own pieces, in run_train's order: parse_args -> prepare_training_args
--> load_base -> methods.prepare_model -> TunelabTrainer (data building and saving are left out: the
+tunelab rows run through tunelab's own pieces, in run_train's order: parse_args -> setup.training_args
+-> setup.load_base -> methods.prepare_model -> TunelabTrainer (data building and saving are left out: the
 rows are tokenized once for every configuration). tunelab rows use tcmalloc when it is installed (what
 the `tunelab` console entry does, tunelab/allocator.py); the baseline runs with the system
 allocator as a plain script would, and `*_system` / `baseline_tcmalloc` rows show both sides of that.
@@ -25,6 +25,7 @@ allocator as a plain script would, and `*_system` / `baseline_tcmalloc` rows sho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -173,12 +174,12 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     from tunelab import methods
-    from tunelab.train import load_base, prepare_training_args
+    from tunelab.setup import load_base, training_args
 
     with tempfile.TemporaryDirectory() as out:
         args = tunelab_args(cfg, out)
-        prepare_training_args(args)
-        model, tokenizer, base_path, _ = load_base(args)
+        args = dataclasses.replace(args, training=training_args(args))
+        model, tokenizer, base_path = load_base(args.model, [])
         apply_module_variant(cfg["variant"])
         tokenizer.padding_side = "right"
         model, info = methods.prepare_model(model, args.finetune)

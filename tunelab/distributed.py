@@ -48,16 +48,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(args) -> Any:
+def setup(training) -> tuple[Any, Any]:
     """Join the process group the launcher describes, through HF's TrainingArguments (which builds
-    accelerate's PartialState: NCCL on GPUs, gloo on CPUs, the device of this rank); returns that device.
-    Unlaunched this only picks the device."""
+    accelerate's PartialState: NCCL on GPUs, gloo on CPUs, the device of this rank); returns (the training
+    options to run with, this rank's device). Unlaunched this only picks the device."""
     import torch
 
-    if not torch.cuda.is_available() and not args.training.use_cpu:
+    if not torch.cuda.is_available() and not training.use_cpu:
         # accelerate forms a CPU (gloo) group only when told the CPU is the device
-        args.training = dataclasses.replace(args.training, use_cpu=True)
-    return args.training.device
+        training = dataclasses.replace(training, use_cpu=True)
+    return training, training.device
 
 
 def barrier() -> None:

@@ -154,20 +154,17 @@ class ChatEngine:
     def from_args(cls, args: Args, name: str | None = None) -> ChatEngine:
         """Load what `--model_name_or_path` / `--checkpoint_dir` name; template and source_prefix come from
         the (last) checkpoint's run unless given on the command line."""
-        from tunelab.evaluate import inherit_from_checkpoint
-        from tunelab.methods import load_checkpoints
+        from tunelab.setup import setup_model
         from tunelab.templates import get_template
-        from tunelab.train import load_base
 
-        model, tokenizer, base_path, ckpts = load_base(args)
-        inherit_from_checkpoint(args, ckpts)
-        model, meta = load_checkpoints(model, ckpts, merge=True)
+        loaded = setup_model(args, "chat")
+        model, tokenizer, data, method = loaded.model, loaded.tokenizer, loaded.args.data, loaded.method
         model.to(_device())
-        template = get_template(args.data.template, tokenizer)
-        name = name or Path(ckpts[-1] if ckpts else base_path).name
-        logger.info("chat engine: %s (%s) on %s", name, meta["finetuning_type"], base_path)
-        return cls(model, tokenizer, template, args.data.source_prefix, args.data.max_source_length,
-                   args.generation, name, meta["finetuning_type"])
+        template = get_template(data.template, tokenizer)
+        name = name or Path(loaded.checkpoints[-1] if loaded.checkpoints else loaded.base_path).name
+        logger.info("chat engine: %s (%s) on %s", name, method["finetuning_type"], loaded.base_path)
+        return cls(model, tokenizer, template, data.source_prefix, data.max_source_length,
+                   args.generation, name, method["finetuning_type"])
 
     @property
     def in_flight(self) -> int:

@@ -15,7 +15,6 @@ Under `torchrun` / `accelerate launch` every rank loads the model, scores its sh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -25,37 +24,12 @@ from typing import Any
 
 from tunelab import distributed
 from tunelab.hparams import Args
+from tunelab.setup import autocast, decoding_record, resolve_precision, setup_model
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-# Options a checkpoint's run decides unless the user sets them again: eval must format prompts as training did.
-_INHERITED = ("template", "source_prefix", "max_source_length", "identity_name", "identity_author")
-
-
-def inherit_from_checkpoint(args: Args, checkpoints: list[str]) -> None:
-    from tunelab.runinfo import read_run_args
-
-    if not checkpoints:
-        return
-    trained = read_run_args(checkpoints[-1])
-    updates = {k: trained[k] for k in _INHERITED if k in trained and k not in args.explicit}
-    if updates:
-        logger.info("from checkpoint %s: %s", checkpoints[-1], updates)
-        args.data = dataclasses.replace(args.data, **updates)
-
-
-def autocast(args: Args):
-    """bf16 autocast when the run resolved to bf16 (CPUs with fast bf16, or asked for); else a no-op."""
-    import contextlib
-
-    import torch
-
-    if args.training.bf16:
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def response_loss(model, dataset, tokenizer, batch_size: int, args: Args) -> float:
     """Mean cross-entropy over response tokens, token-weighted over the whole set (each rank sums its
@@ -123,30 +97,18 @@ def write_predictions(path: Path, dataset, preds: list[str]) -> None:
             f.write(json.dumps({"prompt": prompt, "predict": pred, "label": label}, ensure_ascii=False) + "\n")
 
 
-def decoding_record(args: Args) -> dict[str, Any]:
-    g = args.generation
-    keys = ("generation_preset", "do_sample", "num_beams", "max_new_tokens", "max_length", "repetition_penalty")
-    rec = {k: getattr(g, k) for k in keys}
-    if g.do_sample:
-        rec.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=args.training.seed)
-    return rec
-
-
 def run_eval(args: Args, stage: str) -> dict[str, Any]:
-    from tunelab import methods, runinfo
+    from tunelab import runinfo
     from tunelab.preprocess import build_dataset
-    from tunelab.train import load_base, resolve_precision
 
     out = runinfo.check_output_dir(args)
-    resolve_precision(args)
-    device = distributed.setup(args)
+    training, device = distributed.setup(resolve_precision(args))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
-    model, tokenizer, base_path, ckpts = load_base(args)
-    inherit_from_checkpoint(args, ckpts)
+    loaded = setup_model(dataclasses.replace(args, training=training), stage)
+    args, tokenizer = loaded.args, loaded.tokenizer
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "eval")
-    model, meta = methods.load_checkpoints(model, ckpts, merge=True)
-    model.to(device).eval()
+    model = loaded.model.to(device).eval()
     generate = stage == "predict" or args.training.predict_with_generate
     metrics, preds = score(model, tokenizer, dataset, args, generate)
     main = distributed.is_main()
@@ -154,8 +116,9 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
     if main and preds is not None and stage == "predict":
         write_predictions(out / PREDICTIONS_FILE, dataset, preds)
-    if args.generation.compare_base and generate and ckpts:
-        del model  # free the tuned model before the base model loads
+    if args.generation.compare_base and generate and loaded.checkpoints:
+        base_path = loaded.base_path
+        del model, loaded  # free the tuned model before the base model loads
         _compare_base(out, metrics, args, base_path, dataset)
     results = {f"{stage}_{k}": v for k, v in metrics.items()}
     if main:
@@ -171,9 +134,9 @@ def _compare_base(out: Path, metrics: dict[str, float], args: Args, base_path: s
     from tunelab.retention import base_metrics, write_retention
 
     if distributed.is_main():
-        write_retention(out, metrics, args, base_path, dataset)
+        write_retention(out, metrics, args, base_path, dataset, score)
     else:
-        base_metrics(args, base_path, dataset)
+        base_metrics(args, base_path, dataset, score)
 
 
 def _save_results(out: Path, stage: str, results: dict[str, Any]) -> None:
@@ -183,7 +146,3 @@ def _save_results(out: Path, stage: str, results: dict[str, Any]) -> None:
     all_path = out / "all_results.json"
     merged = json.loads(all_path.read_text(encoding="utf-8")) if all_path.is_file() else {}
     write_json(all_path, {**merged, **results})
-
-
-def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

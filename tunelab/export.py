@@ -125,21 +125,19 @@ def export(args: Args, opts: ExportArguments) -> Path:
     """Merge, then write the standalone model directory; returns it."""
     import torch
 
-    from tunelab.evaluate import inherit_from_checkpoint
-    from tunelab.methods import load_checkpoints, split_checkpoints
-    from tunelab.train import load_base
+    from tunelab.methods import split_checkpoints
+    from tunelab.setup import setup_model
 
     ckpts = split_checkpoints(args.model.checkpoint_dir)
     metas = check_checkpoints(ckpts)
     out = check_export_dir(opts.export_dir, args.run.overwrite_output_dir)
     shard_bytes = parse_size(opts.export_size)
-    model, tokenizer, base_path, ckpts = load_base(args)
-    inherit_from_checkpoint(args, ckpts)
-    model, _ = load_checkpoints(model, ckpts, merge=True)  # LoRA merged; freeze/full are plain weights now
-    model = model.to(getattr(torch, opts.export_dtype))
-    tokenizer.chat_template = export_chat_template(tokenizer, args.data.template, args.data.source_prefix)
-    record = {"base_model": base_path, "checkpoints": ckpts, "methods": [m["finetuning_type"] for m in metas],
-              "source_prefix": args.data.source_prefix, "template": args.data.template, "dtype": opts.export_dtype}
+    loaded = setup_model(args, "export")  # LoRA merged; freeze/full are plain weights now
+    model, tokenizer, data = loaded.model.to(getattr(torch, opts.export_dtype)), loaded.tokenizer, loaded.args.data
+    tokenizer.chat_template = export_chat_template(tokenizer, data.template, data.source_prefix)
+    record = {"base_model": loaded.base_path, "checkpoints": ckpts,
+              "methods": [m["finetuning_type"] for m in metas], "source_prefix": data.source_prefix,
+              "template": data.template, "dtype": opts.export_dtype}
     write_atomically(out, lambda tmp: _write(tmp, model, tokenizer, shard_bytes, record))
     logger.info("exported %s to %s", ", ".join(ckpts), out)
     return out

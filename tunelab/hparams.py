@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +205,8 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         name = bad.lstrip("-").split("=", 1)[0]
         hint = closest(name, option_names()) if bad.startswith("-") else "options start with --"
         raise TunelabError(f"unknown option '{bad}': {hint}")
-    args = Args(model, data, finetune, generation, training, run, _explicit_names(argv))
-    _apply_generation_preset(args)
-    return args
+    explicit = _explicit_names(argv)
+    return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
 
 def _cpu_bf16(argv: list[str]) -> list[str]:
@@ -222,12 +221,10 @@ def _cpu_bf16(argv: list[str]) -> list[str]:
     return argv + ["--use_cpu", "true"] if value.lower() in ("true", "1", "yes") else argv
 
 
-def _apply_generation_preset(args: Args) -> None:
-    if not args.generation.generation_preset:
-        return
-    for key, value in GENERATION_PRESETS[args.generation.generation_preset].items():
-        if key not in args.explicit:
-            setattr(args.generation, key, value)
+def _with_generation_preset(generation: GenerationArguments, explicit: frozenset[str]) -> GenerationArguments:
+    """The generation options with --generation_preset's values wherever no flag set them."""
+    preset = GENERATION_PRESETS.get(generation.generation_preset or "", {})
+    return replace(generation, **{k: v for k, v in preset.items() if k not in explicit})
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:

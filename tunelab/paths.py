@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -18,3 +21,8 @@ def cache_dir(kind: str) -> Path:
     path = cache_root() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: the file name of a cache entry that depends on all of them."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

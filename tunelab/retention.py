@@ -8,11 +8,12 @@ many runs against one base costs one base pass.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunelab.hparams import Args
 
@@ -29,27 +30,24 @@ def model_fingerprint(path: str) -> dict[str, Any]:
 
 
 def base_cache_path(args: Args, base_path: str, dataset) -> Path:
-    from tunelab.evaluate import cache_key, decoding_record
-    from tunelab.paths import cache_dir
+    from tunelab.paths import cache_dir, cache_key
+    from tunelab.setup import decoding_record
 
     key = cache_key(model_fingerprint(base_path), dataset._fingerprint, decoding_record(args),
                     args.training.bf16, args.training.per_device_eval_batch_size)
     return cache_dir("predictions") / f"{key}.json"
 
 
-def base_metrics(args: Args, base_path: str, dataset) -> dict[str, float]:
-    """The base model's metrics on `dataset`, from the cache when this exact pass ran before."""
+def base_metrics(args: Args, base_path: str, dataset, score: Callable) -> dict[str, float]:
+    """The base model's metrics on `dataset`, from the cache when this exact pass ran before. `score` is
+    evaluate.score, passed in so that evaluate and retention do not import each other."""
     path = base_cache_path(args, base_path, dataset)
     if path.is_file():
         logger.info("base model scores: cache hit %s", path.name)
         return json.loads(path.read_text(encoding="utf-8"))["metrics"]
-    from tunelab.evaluate import score
-    from tunelab.model import load_model_and_tokenizer
+    from tunelab.setup import load_base
 
-    import dataclasses
-
-    model_args = dataclasses.replace(args.model, model_name_or_path=base_path, checkpoint_dir=None)
-    model, tokenizer, _ = load_model_and_tokenizer(model_args)
+    model, tokenizer, _ = load_base(dataclasses.replace(args.model, model_name_or_path=base_path), [])
     model.eval()
     metrics, preds = score(model, tokenizer, dataset, args, generate=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -64,9 +62,10 @@ def retention_table(base: dict[str, float], tuned: dict[str, float]) -> dict[str
             "delta": {k: round(tuned[k] - base[k], 4) for k in keys}}
 
 
-def write_retention(out: Path, tuned: dict[str, float], args: Args, base_path: str, dataset) -> dict:
+def write_retention(out: Path, tuned: dict[str, float], args: Args, base_path: str, dataset,
+                    score: Callable) -> dict:
     from tunelab.runinfo import write_json
 
-    table = retention_table(base_metrics(args, base_path, dataset), tuned)
+    table = retention_table(base_metrics(args, base_path, dataset, score), tuned)
     write_json(out / RETENTION_FILE, table)
     return table
