@@ -40,8 +40,8 @@ def test_supervised_loss_empty_batch_is_zero(tiny_llama_dir):
     assert loss.item() == 0.0 and loss.requires_grad
 
 
-@pytest.mark.parametrize("options", [SpeedupOptions(supervised_logits=False), SpeedupOptions(chunked_cross_entropy=False)],
-                         ids=["full_logits", "unfused_ce"])
+@pytest.mark.parametrize("options", [SpeedupOptions(supervised_logits=False),
+                                     SpeedupOptions(chunked_cross_entropy=False)], ids=["full_logits", "unfused_ce"])
 def test_loss_options_compute_the_same_value_another_way(tiny_llama_dir, options):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     batch = _batch(model.config.vocab_size)
@@ -62,11 +62,12 @@ def test_trainer_speedups_argument_switches_packing_and_casts(tiny_llama_dir, ti
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             hf = model.get_base_model()
-            self.seen.append((hf.config._attn_implementation, hf.model.layers[0].mlp.down_proj.base_layer.weight.dtype))
+            frozen = hf.model.layers[0].mlp.down_proj.base_layer.weight
+            self.seen.append((hf.config._attn_implementation, frozen.dtype))
 
     runs = {}
-    for name, options in {"default": SpeedupOptions(), "off": SpeedupOptions(packing=False, cast_frozen_weights=False)
-                          }.items():
+    off = SpeedupOptions(packing=False, cast_frozen_weights=False)
+    for name, options in {"default": SpeedupOptions(), "off": off}.items():
         torch.manual_seed(0)
         model, info = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
                                     FinetuningArguments(lora_target="q_proj,v_proj,down_proj", lora_dropout=0.0))

@@ -186,7 +186,7 @@ def enable_packed_attention(model, options: SpeedupOptions = DEFAULT_OPTIONS) ->
             or getattr(text, "attn_logit_softcapping", None) or getattr(text, "is_encoder_decoder", False):
         return None
     name = attention_name(options)
-    AttentionInterface.register(name, functools.partial(options.attention or packed_attention, options=options))
+    AttentionInterface.register(name, _attention_function(options))
     AttentionMaskInterface.register(name, sdpa_mask)  # unpacked batches get SDPA's masks
     hf.set_attn_implementation(name)
     return current
@@ -202,6 +202,12 @@ def packed_attention_enabled(model, options: SpeedupOptions = DEFAULT_OPTIONS) -
     finally:
         if restore:
             _hf_model(model).set_attn_implementation(restore)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_function(options: SpeedupOptions):
+    """The function registered for `options`: the same object every time (re-registering changes nothing)."""
+    return functools.partial(options.attention or packed_attention, options=options)
 
 
 def _hf_model(model):
