@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.common import DEFAULT_OUT, Workload, build_rows, load_rows, machine, write_json
-from bench.train import METHODS, TARGET, module_swaps, tunelab_args
+from bench.train import METHODS, TARGET, tunelab_args, variant_options
 
 # variant -> what it switches off (each a context around one timed forward + backward)
 SWITCHES = {
@@ -45,27 +45,15 @@ SWITCHES = {
 
 
 def variant_contexts(model) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
-    """For each variant, a factory of the context that switches it off for one timed step ("default":
-    nothing). Built once, inside the block where the frozen weights are held in bf16."""
+    """For each variant ("default": tunelab's own), a factory of the context that switches it on for one
+    timed step and yields (its SpeedupOptions, whether batches are packed). The options reach tunelab as
+    arguments (bench.train.variant_options); the context sets what acts on the model itself: its packed
+    attention, its dropout modules and, for per_call_casts, fp32 frozen weights. Built once, inside the
+    block where the frozen weights are held in bf16."""
     import torch
-    from transformers import AttentionInterface
 
-    import tunelab.trainer as trainer
-
-    own_pack = trainer.pack_batch
-
-    @contextlib.contextmanager
-    def swapped(swaps: list[tuple[Any, str, Any]]) -> Iterator[None]:
-        saved = [(module, attr, getattr(module, attr)) for module, attr, _ in swaps]
-        for module, attr, value in swaps:
-            setattr(module, attr, value)
-        AttentionInterface.register(trainer.PACKED_ATTENTION, trainer.packed_attention)  # registered by value
-        try:
-            yield
-        finally:
-            for module, attr, value in saved:
-                setattr(module, attr, value)
-            AttentionInterface.register(trainer.PACKED_ATTENTION, trainer.packed_attention)
+    from tunelab.attention import packed_attention_enabled
+    from tunelab.speedups import cpu_dropout
 
     frozen_bf16 = [(m, n, p) for m in model.modules() if type(m) is torch.nn.Linear
                    for n, p in (("weight", m.weight), ("bias", m.bias)) if p is not None and not p.requires_grad]
@@ -80,14 +68,15 @@ def variant_contexts(model) -> dict[str, Callable[[], contextlib.AbstractContext
             for module, attr, param in frozen_bf16:
                 setattr(module, attr, param)
 
-    swaps = {name: swap for name in SWITCHES if (swap := module_swaps({name: True}))}  # bench.train's swaps
-    swaps["dense_sdpa"] = [(trainer, "pack_batch",
-                            lambda inputs: None if bool(inputs["attention_mask"].all()) else own_pack(inputs))]
-    swaps["no_packing"] = [(trainer, "pack_batch", lambda inputs: None)]
-    contexts = {name: functools.partial(swapped, swap) for name, swap in swaps.items()}
-    # nn_dropout: step() leaves the dropout swap out; full_logits: step() takes HF's own loss
-    return {**contexts, "default": contextlib.nullcontext, "nn_dropout": contextlib.nullcontext,
-            "full_logits": contextlib.nullcontext, "per_call_casts": fp32_weights}
+    @contextlib.contextmanager
+    def switched(options) -> Iterator[tuple[Any, bool]]:
+        weights = contextlib.nullcontext() if options.cast_frozen_weights else fp32_weights()
+        with packed_attention_enabled(model, options) as packing, cpu_dropout(model, "cpu", options.dropout_masks), \
+                weights:
+            yield options, packing
+
+    return {name: functools.partial(switched, variant_options({} if name == "default" else {name: True}))
+            for name in ("default", *SWITCHES)}
 
 
 def run(args) -> dict[str, Any]:
@@ -96,9 +85,10 @@ def run(args) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    import tunelab.trainer as trainer
     from tunelab import methods, speedups
+    from tunelab.attention import enable_packed_attention, pack_batch
     from tunelab.setup import load_base, training_args
+    from tunelab.trainer import supervised_loss
 
     cfg = {"batch": args.batch, "warmup": 0, "steps": 1, "flags": METHODS[TARGET]}
     rows = build_rows(Workload(args.workload), args.out)
@@ -111,7 +101,7 @@ def run(args) -> dict[str, Any]:
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     data = load_rows(rows, args.batches * args.batch)
     batches = [collate([data[i] for i in range(b * args.batch, (b + 1) * args.batch)]) for b in range(args.batches)]
-    trainer.enable_packed_attention(model)
+    enable_packed_attention(model)  # tunelab's default; a variant switches to its own for its step
     model.train()
     names = ["default", *(args.only.split(",") if args.only else SWITCHES)]
     unknown = [n for n in names if n not in ("default", *SWITCHES)]
@@ -121,15 +111,11 @@ def run(args) -> dict[str, Any]:
     times: dict[str, list[float]] = {n: [] for n in names}
 
     def step(name: str, batch) -> float:
-        # nn_dropout: the dropout swap is left out ("meta" is not a CPU, so cpu_dropout swaps nothing)
-        with speedups.cpu_dropout(model, "meta" if name == "nn_dropout" else "cpu"), contexts[name]():
-            packed = trainer.pack_batch(batch)
+        with contexts[name]() as (options, packing):
+            packed = pack_batch(batch, options) if packing else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                 start = time.perf_counter()
-                if name == "full_logits":
-                    loss = model(**(packed or batch)).loss
-                else:
-                    loss = trainer.supervised_loss(model, packed or batch)
+                loss = supervised_loss(model, packed or batch, options)
                 loss.backward()
                 elapsed = time.perf_counter() - start
         model.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -87,68 +88,39 @@ def tunelab_args(cfg: dict[str, Any], out: str):
     return parse_args(argv)
 
 
-def trainer_class(variant: dict[str, Any]):
-    """TunelabTrainer itself, or for an A/B row a subclass with one of its speed-ups switched off."""
+def variant_options(variant: dict[str, Any]):
+    """The SpeedupOptions of a row's variant ({switch name: True, ...}): tunelab's defaults with the named
+    speed-ups switched off. The options travel as arguments (trainer, attention, dropout), so nothing of
+    tunelab's is rebound and every variant can run next to the default in one process (bench.ab_step)."""
     import torch
 
-    from tunelab.trainer import TunelabTrainer, pack_batch, supervised_loss
+    from tunelab.attention import DEFAULT_OPTIONS, packed_attention
 
-    if not any(variant.get(k) for k in ("full_logits", "no_packing", "per_call_casts", "torch_dropout")):
-        return TunelabTrainer
-
-    class VariantTrainer(TunelabTrainer):
-        def _frozen_weight_dtype(self):
-            return None if variant.get("per_call_casts") else super()._frozen_weight_dtype()
-
-        def _dropout_device(self):
-            return torch.device("meta") if variant.get("torch_dropout") else super()._dropout_device()
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            packed = None if variant.get("no_packing") or not self.packing else pack_batch(inputs)
-            inputs = packed or inputs
-            # full_logits: HF's own loss, logits at every position of the (packed or padded) batch
-            loss = model(**inputs).loss if variant.get("full_logits") else supervised_loss(model, inputs)
-            return (loss, None) if return_outputs else loss
-
-    return VariantTrainer
-
-
-def module_swaps(variant: dict[str, Any]) -> list[tuple[Any, str, Any]]:
-    """(module, attribute, replacement) of the bench-only A/B switches that swap a function or constant of
-    tunelab's: set for a whole worker process here, per timed step in bench.ab_step."""
-    import torch
-    import torch.nn.functional as F
-
-    import tunelab.speedups
-    import tunelab.trainer
-
-    swaps: list[tuple[Any, str, Any]] = []
-    if variant.get("sdpa_segments"):
-        swaps.append((tunelab.trainer, "_matmul_attention", tunelab.trainer._sdpa_attention))
-    if variant.get("unfused_ce"):
-        swaps.append((tunelab.trainer, "cross_entropy", lambda logits, targets: F.cross_entropy(logits.float(), targets)))
-    if variant.get("rand_dropout"):  # p rounds to 0 levels -> every Dropout takes its exact torch.rand path
-        swaps.append((tunelab.speedups, "LANE_LEVELS", 1))
-    if variant.get("per_sample_attention"):
-        swaps.append((tunelab.trainer, "equal_length_runs", lambda lengths: [(n, 1) for n in lengths if n]))
-    if variant.get("fp32_softmax"):
-        swaps.append((tunelab.trainer, "SOFTMAX_DTYPE", torch.float32))
-    if variant.get("sliced_attention"):
-        own = tunelab.trainer.packed_attention
-        swaps.append((tunelab.trainer, "packed_attention",
-                      lambda *args, **kwargs: sliced_packed_attention(own, *args, **kwargs)))
-    return swaps
-
-
-def apply_module_variant(variant: dict[str, Any]) -> None:
-    """Switch this worker process's tunelab functions for the row's variant (before the model is prepared)."""
-    for module, attr, value in module_swaps(variant):
-        setattr(module, attr, value)
+    changes = {
+        "no_packing": {"packing": False},
+        "dense_sdpa": {"pack_dense": False},
+        "full_logits": {"supervised_logits": False},
+        "sdpa_segments": {"matmul_attention": False},
+        "unfused_ce": {"chunked_cross_entropy": False},
+        "rand_dropout": {"dropout_masks": "rand"},
+        "torch_dropout": {"dropout_masks": "torch"},
+        "nn_dropout": {"dropout_masks": "torch"},
+        "per_sample_attention": {"group_equal_lengths": False},
+        "fp32_softmax": {"softmax_dtype": torch.float32},
+        "sliced_attention": {"attention": functools.partial(sliced_packed_attention, packed_attention)},
+        "per_call_casts": {"cast_frozen_weights": False},
+    }
+    unknown = sorted(set(variant) - set(changes))
+    if unknown:
+        raise ValueError(f"unknown variant {unknown}; valid: {', '.join(changes)}")
+    fields = {k: v for name, on in variant.items() if on for k, v in changes[name].items()}
+    return dataclasses.replace(DEFAULT_OPTIONS, **fields)
 
 
 def sliced_packed_attention(own, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """tunelab's previous packed attention, for the A/B: samples cut out by slicing (each slice's backward
-    fills a full-size zero gradient), scores scaled and masked by separate ops (masked_fill with a fresh triu)."""
+    """tunelab's previous packed attention, for the A/B (SpeedupOptions.attention): samples cut out by slicing
+    (each slice's backward fills a full-size zero gradient), scores scaled and masked by separate ops
+    (masked_fill with a fresh triu). Unpacked batches go to `own` (tunelab's packed_attention)."""
     import torch
 
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -175,20 +147,21 @@ def train_tunelab(cfg: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     from tunelab import methods
     from tunelab.setup import load_base, training_args
+    from tunelab.trainer import TunelabTrainer
 
     with tempfile.TemporaryDirectory() as out:
         args = tunelab_args(cfg, out)
         args = dataclasses.replace(args, training=training_args(args))
         model, tokenizer, base_path = load_base(args.model, [])
-        apply_module_variant(cfg["variant"])
         tokenizer.padding_side = "right"
         model, info = methods.prepare_model(model, args.finetune)
         dataset = load_rows(cfg["rows"], (cfg["warmup"] + cfg["steps"]) * cfg["batch"])
         meter = make_step_meter(model, model.config.vocab_size, cfg["warmup"])
         collate = meter.counting(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
-        trainer = trainer_class(cfg["variant"])(
+        trainer = TunelabTrainer(
             model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer, data_collator=collate,
-            method_info=info, base_model=base_path, run_args=args.to_dict(), callbacks=[meter])
+            method_info=info, base_model=base_path, run_args=args.to_dict(), callbacks=[meter],
+            speedups=variant_options(cfg["variant"]))
         setup_s = time.perf_counter() - start
         trainer.train()
     return {**meter.summary(), "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(), "bf16": args.training.bf16,

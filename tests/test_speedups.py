@@ -167,3 +167,24 @@ def test_trainer_trains_with_cpu_dropout_and_restores_nn_dropout(tiny_llama_dir,
                        method_info=info, base_model=str(tiny_llama_dir), run_args={})
     assert spy.seen == [8] * 4 and all(loss == loss for loss in losses)
     assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 8
+
+
+def test_dropout_masks_option_picks_the_mask_source():
+    """SpeedupOptions.dropout_masks reaches cpu_dropout as an argument: "rand" swaps in Dropouts that draw one
+    fp32 torch.rand per element (the values nn.Dropout's p gives: kept ones scaled by exactly 1 / (1 - p)),
+    "torch" keeps nn.Dropout; an unknown choice is an error naming the valid ones."""
+    from tunelab.speedups import Dropout, SpeedupOptions, cpu_dropout
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1)).train()
+    with cpu_dropout(model, "cpu", "torch") as swapped:
+        assert swapped == 0 and type(model[1]) is torch.nn.Dropout
+    with cpu_dropout(model, "cpu", SpeedupOptions(dropout_masks="rand").dropout_masks) as swapped:
+        assert swapped == 1 and isinstance(model[1], Dropout) and model[1].levels == 0
+        torch.manual_seed(0)
+        y = model[1](torch.ones(100_000))
+    torch.manual_seed(0)
+    expected = torch.rand(100_000).ge_(0.1).div_(0.9)  # the exact fp32 draw, p not rounded to 2^-16
+    assert torch.equal(y, expected)
+    assert Dropout(0.1).levels == round(0.1 * 65536)
+    with pytest.raises(ValueError, match="lanes, rand, torch"):
+        SpeedupOptions(dropout_masks="bernoulli")

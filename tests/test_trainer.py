@@ -1,11 +1,14 @@
-"""The shared training loop's pieces: the supervised-position loss equals the plain full-logits loss,
-and pickle-free optimizer state round-trips exactly."""
+"""The shared training loop's pieces: the supervised-position loss equals the plain full-logits loss, and
+the trainer takes its speed-up switches as an argument (SpeedupOptions)."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.trainer import _flatten_optimizer_state, _unflatten_optimizer_state, supervised_loss
+from tunelab.hparams import FinetuningArguments
+from tunelab.methods import prepare_model
+from tunelab.speedups import SpeedupOptions
+from tunelab.trainer import TunelabTrainer, supervised_loss
 
 
 def _batch(vocab: int):
@@ -37,20 +40,43 @@ def test_supervised_loss_empty_batch_is_zero(tiny_llama_dir):
     assert loss.item() == 0.0 and loss.requires_grad
 
 
-def test_optimizer_state_round_trip():
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-    for _ in range(2):
-        sum((p ** 2).sum() for p in params).backward()
-        opt.step()
-    state = opt.state_dict()
-    tensors, skeleton = _flatten_optimizer_state(state)
-    import json
+@pytest.mark.parametrize("options", [SpeedupOptions(supervised_logits=False),
+                                     SpeedupOptions(chunked_cross_entropy=False)], ids=["full_logits", "unfused_ce"])
+def test_loss_options_compute_the_same_value_another_way(tiny_llama_dir, options):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.allclose(supervised_loss(model, batch, options), supervised_loss(model, batch), atol=1e-5)
 
-    skeleton = json.loads(json.dumps(skeleton))  # must survive JSON
-    restored = _unflatten_optimizer_state(tensors, skeleton)
-    opt2 = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-    opt2.load_state_dict(restored)
-    for pid, per_param in state["state"].items():
-        for key, value in per_param.items():
-            assert torch.equal(torch.as_tensor(opt2.state_dict()["state"][pid][key]), torch.as_tensor(value))
+
+def test_trainer_speedups_argument_switches_packing_and_casts(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """SpeedupOptions passed to the trainer reach its steps: packing off keeps padded batches on SDPA and
+    the loss of the default (packed) run; cast_frozen_weights off keeps fp32 frozen weights under bf16."""
+    from transformers import TrainerCallback
+
+    from test_speed import _rows, _train
+
+    class Spy(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            hf = model.get_base_model()
+            frozen = hf.model.layers[0].mlp.down_proj.base_layer.weight
+            self.seen.append((hf.config._attn_implementation, frozen.dtype))
+
+    runs = {}
+    off = SpeedupOptions(packing=False, cast_frozen_weights=False)
+    for name, options in {"default": SpeedupOptions(), "off": off}.items():
+        torch.manual_seed(0)
+        model, info = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                    FinetuningArguments(lora_target="q_proj,v_proj,down_proj", lora_dropout=0.0))
+        spy = Spy()
+        losses, trainer = _train(TunelabTrainer, model, tiny_tokenizer, _rows(len(tiny_tokenizer)), tmp_path / name,
+                                 training={"bf16": True}, callbacks=[spy], method_info=info,
+                                 base_model=str(tiny_llama_dir), run_args={}, speedups=options)
+        assert trainer.speedups is options and not trainer.packing
+        runs[name] = losses, spy.seen
+    assert set(runs["default"][1]) == {("tunelab_packed", torch.bfloat16)}
+    assert set(runs["off"][1]) == {("sdpa", torch.float32)}
+    assert runs["off"][0] == pytest.approx(runs["default"][0], abs=2e-2)  # bf16 noise

@@ -22,15 +22,50 @@ input exactly, as with nn.Dropout. A seeded run draws other, equally distributed
 would; the mask kept for backward is a bool tensor (1 byte per element, not 4). On LoRA q,v over all
 layers of SmolLM2 a forward + backward is 9% faster than with nn.Dropout and 2% faster than with a
 torch.rand mask per element (bench/README.md). GPUs keep nn.Dropout (one fused kernel there).
+
+`SpeedupOptions`: which of tunelab's training speed-ups are on (all of them by default). The trainer, the
+packed attention (tunelab/attention.py) and the context managers here take their switches from it as
+arguments, so bench/ measures a speed-up by passing options with that one switch off, never by rebinding
+a module's globals.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+DROPOUT_MASKS = ("lanes", "rand", "torch")
+
+
+@dataclass(frozen=True)
+class SpeedupOptions:
+    """Switches of tunelab's training speed-ups; the defaults are what every run uses. Each switch changes
+    speed or memory, not what is computed (up to float rounding; for dropout, which masks a seed draws)."""
+
+    packing: bool = True  # padded batches run as one padding-free row (attention.pack_batch)
+    pack_dense: bool = True  # on a CPU, batches without padding too when their rows fit the matmul attention
+    matmul_attention: bool = True  # on a CPU, packed samples up to matmul_max_len tokens skip SDPA's kernel
+    matmul_max_len: int = 256  # longer samples go through SDPA (memory O(L), not O(L^2)), see attention.py
+    group_equal_lengths: bool = True  # one attention call per run of equal-length samples, not one per sample
+    # the matmul attention's softmax dtype; None: the scores' own dtype — for bf16/fp16 scores torch's CPU kernel
+    # computes in fp32 and rounds once, so the probabilities are bit-identical to transformers' fp32 softmax +
+    # cast back, minus two full-size cast passes per layer; 1.05x per step on 256-token rows (bench/README.md)
+    softmax_dtype: torch.dtype | None = None
+    attention: Callable | None = None  # a packed attention to run instead of tunelab's (bench's earlier versions)
+    supervised_logits: bool = True  # logits only at supervised positions (else HF's model(labels=...) loss)
+    chunked_cross_entropy: bool = True  # tunelab.cross_entropy's chunks on a CPU (else F.cross_entropy in fp32)
+    cast_frozen_weights: bool = True  # frozen nn.Linear weights held in the autocast dtype (linear_weights_cast)
+    # CPU dropout masks: "lanes" (16-bit lanes, cpu_dropout), "rand" (one torch.rand draw per element), "torch"
+    # (nn.Dropout's own bernoulli_)
+    dropout_masks: str = "lanes"
+
+    def __post_init__(self):
+        if self.dropout_masks not in DROPOUT_MASKS:
+            raise ValueError(f"dropout_masks {self.dropout_masks!r}: choose one of {', '.join(DROPOUT_MASKS)}")
 
 
 @contextlib.contextmanager
@@ -62,12 +97,13 @@ def _castable(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> Iterat
 
 
 class Dropout(nn.Module):
-    """nn.Dropout(p) with its mask drawn from 16-bit random lanes (see the module docstring)."""
+    """nn.Dropout(p) with its mask drawn from 16-bit random lanes (see the module docstring); lanes False:
+    from one fp32 torch.rand draw per element."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, lanes: bool = True):
         super().__init__()
         self.p = p
-        self.levels = round(p * LANE_LEVELS)  # p as a multiple of 2^-16
+        self.levels = round(p * LANE_LEVELS) if lanes else 0  # p as a multiple of 2^-16; 0: the torch.rand path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -94,17 +130,18 @@ def random_lanes(shape: torch.Size, device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def cpu_dropout(model: nn.Module, device: torch.device | str) -> Iterator[int]:
-    """Within the block every nn.Dropout of `model` with p > 0 is a `Dropout` when `device` is a CPU;
-    yields how many were swapped. The original modules are put back when the block ends."""
+def cpu_dropout(model: nn.Module, device: torch.device | str, masks: str = "lanes") -> Iterator[int]:
+    """Within the block every nn.Dropout of `model` with p > 0 is a `Dropout` when `device` is a CPU and
+    `masks` (SpeedupOptions.dropout_masks) is not "torch"; yields how many were swapped. The original
+    modules are put back when the block ends."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and masks != "torch":
         for parent in model.modules():
             for name, child in parent.named_children():
                 if type(child) is nn.Dropout and child.p > 0:
                     swapped.append((parent, name, child))
     for parent, name, child in swapped:
-        replacement = Dropout(child.p)
+        replacement = Dropout(child.p, lanes=masks == "lanes")
         replacement.train(child.training)
         setattr(parent, name, replacement)
     try:
