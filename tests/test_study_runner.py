@@ -202,7 +202,7 @@ def test_cli_errors_are_tunelab_errors(tmp_path):
         main([str(REPO / "examples/study_tiny.yaml"), "--set", "oops"])
     with pytest.raises(TunelabError, match="unknown option 'learning_rat'"):
         main([str(REPO / "examples/study_tiny.yaml"), "--set", "learning_rat=1", "--dry-run"])
-    with pytest.raises(TunelabError, match="--report-only needs a study dir"):
+    with pytest.raises(TunelabError, match="--report_only needs a study dir"):
         main([str(tmp_path), "--report-only"])
 
 

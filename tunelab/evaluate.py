@@ -29,7 +29,6 @@ from tunelab.hparams import Args
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
-METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 # Options a checkpoint's run decides unless the user sets them again: eval must format prompts as training did.
 _INHERITED = ("template", "source_prefix", "max_source_length", "identity_name", "identity_author")
 
