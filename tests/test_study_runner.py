@@ -215,7 +215,6 @@ def test_study_modules_import_without_torch():
 
 def test_tiny_study_end_to_end(tiny_llama_dir, tmp_path):
     """examples/study_tiny.yaml on a tiny random Llama through the real train / predict stages."""
-    pytest.importorskip("peft")
     from tunelab.study.cli import main
 
     out = tmp_path / "study"

@@ -1,7 +1,7 @@
 """The `tunelab` command: one dispatch table from sub-command to the module that runs it.
 
     tunelab train  --do_train --dataset alpaca_gpt4_en --output_dir runs/x ...   (the 2023 flags)
-    tunelab train  cfg.yaml --learning_rate 1e-4                                  (file + overrides)
+    tunelab train  examples/train_lora.yaml --learning_rate 1e-4                 (file + overrides)
     tunelab eval   ... / tunelab predict ...   (= train --do_eval / --do_predict)
     tunelab study  examples/study_2023_04_24.yaml [--scale full] [--report_only]
     tunelab score  generated_predictions.jsonl
@@ -43,10 +43,12 @@ def underscored(argv: list[str], known) -> list[str]:
 
 class Parser(argparse.ArgumentParser):
     """The argparse every tunelab command uses: raises TunelabError instead of printing usage and exiting
-    (the CLI prints it as one line), and reads `--option-name` as `--option_name`."""
+    (the CLI prints it as one line), reads `--option-name` as `--option_name`, and takes no abbreviations
+    (`--learning_rat` is an unknown option naming the closest ones, not --learning_rate)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("epilog", ALIAS_NOTE)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # argparse hook

@@ -1,7 +1,8 @@
-"""Every tunelab option, defined once, and the one parser that reads them.
+"""Every run option (model, data, method, generation, training), defined once, and the one parser that
+reads them.
 
-Options come from the command line, a YAML/JSON config file (`tunelab train cfg.yaml --lr ...`, flags
-override the file), or a dict (the study runner). All three go through the same argparse parser, so the
+Options come from the command line, a YAML/JSON config file (`tunelab train examples/train_lora.yaml
+--learning_rate 1e-4`: flags override the file), or a dict (the study runner). All three go through the same argparse parser, so the
 same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag names are ours; HF's
 `Seq2SeqTrainingArguments` supplies the training flags (`--output_dir`, `--learning_rate`, ...).
 A front end with flags of its own (serve, webui, export) adds one dataclass of them and parses with
@@ -165,8 +166,7 @@ def parse_with(argv: list[str], extra_cls: type, prog: str = "tunelab") -> tuple
     if any(a in ("-h", "--help") for a in argv):
         _Parser([extra_cls, *_GROUPS], prog=prog).print_help()  # also refuses a flag defined in both sets
         sys.exit(0)
-    parser = _Parser([extra_cls], prog=prog)
-    parser.allow_abbrev = False  # '--api' must not silently mean --api_key
+    parser = _Parser([extra_cls], prog=prog)  # no abbreviations: '--api' must not silently mean --api_key
     extra, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
                                                      look_for_args_file=False)
     valid = option_names() + [f.name for f in dataclasses.fields(extra_cls)]

@@ -115,14 +115,18 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
     return row["predict"], row["label"]
 
 
-def _parse_cli(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     from tunelab.cli import Parser
 
-    parser = Parser(prog="tunelab score", allow_abbrev=False,
-                     description="Score predictions files with the 2023 BLEU-4 / ROUGE-1/2/L formula.")
+    parser = Parser(prog="tunelab score",
+                    description="Score predictions files with the 2023 BLEU-4 / ROUGE-1/2/L formula.")
     parser.add_argument("files", nargs="+", help="generated_predictions.jsonl (or the 2023 .txt) files.")
     parser.add_argument("--output", help="Also write the scores of every file to this JSON file.")
-    args, unknown = parser.parse_known_args(argv)
+    return parser
+
+
+def _parse_cli(argv: list[str]) -> argparse.Namespace:
+    args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         bad = unknown[0]
         hint = closest(bad.lstrip("-").split("=", 1)[0], ["output"]) if bad.startswith("-") else ""
