@@ -14,7 +14,7 @@ import torch
 from chat_helpers import make_freeze, make_full, make_lora, make_p_tuning
 from conftest import REPO
 
-from tunelab.engine import ChatEngine, resolve_settings, to_example, to_messages
+from tunelab.engine import ChatEngine, history_messages, resolve_settings, to_example, to_messages
 from tunelab.errors import TunelabError
 from tunelab.hparams import GenerationArguments, parse_args
 
@@ -32,6 +32,18 @@ def engine(lora_dir):
 
 
 # ---- pure parts ----
+
+def test_history_and_query_become_alternating_messages():
+    history = [("Hi", "Hello!"), ("Who are you?", "Yui.")]
+    assert history_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                         {"role": "user", "content": "Who are you?"},
+                                         {"role": "assistant", "content": "Yui."}]
+    assert history_messages([]) == []
+    messages = to_messages("And now?", history, system="Be brief.")
+    assert messages == [{"role": "system", "content": "Be brief."}, *history_messages(history),
+                        {"role": "user", "content": "And now?"}]
+    assert to_example(messages).history == tuple(history)  # the round trip the engine relies on
+
 
 def test_to_example_splits_system_history_and_query():
     messages = to_messages("third", history=[("first", "one"), ("second", "two")], system="sys")

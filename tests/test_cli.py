@@ -1,4 +1,5 @@
-"""The dispatch table and the console entry's allocator choice."""
+"""The dispatch table, the console entry's allocator choice, and the parser every command shares (dashed
+aliases, one-line errors, a complete --help)."""
 
 import os
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from tunelab import cli
+from tunelab.errors import TunelabError
 
 
 def test_every_command_resolves():
@@ -51,3 +53,70 @@ def test_entry_names_the_valid_allocators(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tunelab", "train"])
     assert cli.entry() == 2
     assert "did you mean tcmalloc" in capsys.readouterr().err
+
+
+# ---- the shared parser: one-line errors, dashed aliases; every command's --help complete ----
+
+@pytest.mark.parametrize("argv, known, expected", [
+    (["--dry-run"], {"--dry_run"}, ["--dry_run"]),
+    (["--output-dir=runs/x", "a-b"], {"--output_dir"}, ["--output_dir=runs/x", "a-b"]),  # values untouched
+    (["--no-such-flag"], {"--dry_run"}, ["--no-such-flag"]),  # unknown: left for the parser to refuse
+    (["--source_prefix", "--x-y"], {"--source_prefix", "--x_y"}, ["--source_prefix", "--x_y"]),
+    (["--", "--dry-run"], {"--dry_run"}, ["--", "--dry-run"]),  # nothing after a bare --
+    (["-h", "--learning-rate", "1e-4"], {"--learning_rate"}, ["-h", "--learning_rate", "1e-4"]),
+])
+def test_underscored(argv, known, expected):
+    assert cli.underscored(argv, known) == expected
+
+
+def test_parser_takes_the_dashed_form_of_any_flag_and_raises_tunelab_errors():
+    parser = cli.Parser(prog="tunelab x")
+    parser.add_argument("--max_items", type=int)
+    parser.add_argument("--dry_run", action="store_true")
+    assert vars(parser.parse_args(["--max-items", "3", "--dry-run"])) == {"max_items": 3, "dry_run": True}
+    assert vars(parser.parse_args(["--max_items=4"])) == {"max_items": 4, "dry_run": False}
+    with pytest.raises(TunelabError, match="unrecognized arguments: --nope"):
+        parser.parse_args(["--nope"])
+    with pytest.raises(TunelabError, match="invalid int value"):
+        parser.parse_args(["--max-items", "x"])
+
+
+def test_study_flags_are_underscored_with_dashed_aliases():
+    from tunelab.study.cli import build_parser
+
+    for argv in (["s.yaml", "--dry_run", "--report_only", "--rows_per_gpu", "2"],
+                 ["s.yaml", "--dry-run", "--report-only", "--rows-per-gpu", "2"]):
+        ns = build_parser().parse_args(argv)
+        assert (ns.dry_run, ns.report_only, ns.rows_per_gpu) == (True, True, 2)
+
+
+def _parsers(command: str) -> list:
+    """The parsers whose options `tunelab <command>` accepts."""
+    from tunelab import hparams
+
+    if command == "score":
+        from tunelab.metrics import build_parser
+        return [build_parser()]
+    if command == "study":
+        from tunelab.study.cli import build_parser
+        return [build_parser()]
+    extra = {"serve": "tunelab.serve:ServeArguments", "webui": "tunelab.webui:WebUIArguments",
+             "export": "tunelab.export:ExportArguments"}.get(command)
+    own = [hparams._Parser([cli._resolve(extra)])] if extra else []
+    return own + [hparams.build_parser()]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "chat", "serve", "webui", "export", "score",
+                                     "study"])
+def test_every_commands_help_lists_every_option_it_accepts(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tunelab")
+    accepted = [action.option_strings[0] if action.option_strings else action.dest
+                for parser in _parsers(command) for action in parser._actions if action.dest != "help"]
+    assert len(accepted) > (1 if command == "score" else 5)
+    missing = [name for name in accepted if name not in out]
+    assert not missing, f"tunelab {command} --help omits {missing}"
+    assert cli.ALIAS_NOTE in out

@@ -98,7 +98,6 @@ def test_two_process_ddp_follows_the_one_process_loss_curve(tiny_llama_dir, tmp_
     """torchrun, 2 gloo processes x batch 2 == 1 process x batch 4: same samples per step (accelerate's
     seedable sampler deals the same permutation, each rank takes every other batch of 2), same LoRA init
     (seeded), no dropout: the curves agree to float noise, and the run dirs hold the same files."""
-    pytest.importorskip("peft")
     data = write_same_answer_dataset(tmp_path / "data")
     one, two = tmp_path / "one", tmp_path / "two"
     run(parse_args(train_argv(tiny_llama_dir, data, one, batch=4)))
@@ -151,7 +150,6 @@ def test_two_process_predict_writes_what_one_process_writes(tiny_llama_dir, tiny
 def test_only_rank_0_writes(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch, one_thread):
     """As a rank other than 0 a run writes nothing of its own: no run files, results, plot or predictions.
     (What the HF Trainer saves, weights and their tunelab_args.json included, it gates by its own rank.)"""
-    pytest.importorskip("peft")
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     out = tmp_path / "train"
     argv = ["--do_train", "--model_name_or_path", str(tiny_llama_dir), "--dataset", "tiny", "--dataset_dir",
@@ -201,7 +199,6 @@ def test_deepspeed_configs_load_as_the_hf_integration_reads_them(name, stage):
 
 
 def test_deepspeed_flag_reaches_training_arguments():
-    pytest.importorskip("transformers")
     from tunelab.hparams import option_names
 
     assert "deepspeed" in option_names()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.generation import generate_batched, generation_kwargs
+from tunelab.generation import cut_at_end, generate_batched, generation_kwargs
 from tunelab.hparams import GenerationArguments, TunelabError
 
 TEXTS = ["Hello", "你好，今天天气怎么样？我很好", "The quick brown fox jumps over the lazy dog. Eat well",
@@ -212,3 +212,13 @@ def test_restores_training_mode_and_rejects_bad_input(tiny_tokenizer):
         generate_batched(model, tiny_tokenizer, [[5], []], {"max_new_tokens": 1}, progress=False)
     with pytest.raises(TunelabError, match="batch size"):
         generate_batched(model, tiny_tokenizer, [[5]], {"max_new_tokens": 1}, batch_size=0, progress=False)
+
+
+@pytest.mark.parametrize("tokens, ends, expected", [
+    ([5, 6, 2, 7, 2], [2], ([5, 6], True)),          # cut at the first end token, padding after it dropped
+    ([5, 6, 7], [2], ([5, 6, 7], False)),             # no end token: the whole budget
+    ([3, 5, 2], [2, 3], ([], True)),                  # any of several end ids; an answer may be empty
+    ([], [2], ([], False)),
+])
+def test_cut_at_end(tokens, ends, expected):
+    assert cut_at_end(tokens, ends) == expected

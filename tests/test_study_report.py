@@ -104,7 +104,6 @@ def test_seeds_give_mean_spread_and_not_significant_marks(tmp_path):
 
 
 def test_one_seed_noise_is_the_eval_sample_standard_error(tmp_path):
-    pytest.importorskip("jieba")
     from tunelab.metrics import score_pair
 
     labels = ["the cat sat on the mat", "a quick brown fox", "green eggs and ham", "to be or not to be"]

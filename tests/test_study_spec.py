@@ -78,7 +78,6 @@ EXPECTED_SUFFIXES = {"qkv": {"q_proj", "k_proj", "v_proj"}, "mlp": {"gate_proj",
 
 @pytest.mark.parametrize("path", SEED_SPECS)
 def test_seed_rows_resolve_to_the_designed_modules_on_a_28_layer_llama(path):
-    pytest.importorskip("tunelab.targets")
     for plan in _plans(path)[1:]:
         if plan.labels["method"] == "p_tuning":
             continue
@@ -90,7 +89,6 @@ def test_seed_rows_resolve_to_the_designed_modules_on_a_28_layer_llama(path):
 
 
 def test_legacy_matching_reproduces_the_nine_layer_2023_lora_rows():
-    pytest.importorskip("tunelab.targets")
     spec = override_shared(load_spec(REPO / SEED_SPECS[0]), {"target_match": "legacy"})
     plans = {p.id: p for p in expand(spec, None, "/tmp/s")}
     for row_id in (13, 14, 19, 20):
@@ -107,7 +105,6 @@ LAYER_COUNT = {"last3": 3, "first3": 3, "all": 28}
 
 
 def test_seed_rows_train_the_analytic_parameter_counts(tiny_model_factory):
-    pytest.importorskip("tunelab.prefix")
     from transformers import AutoModelForCausalLM
 
     from tunelab.hparams import parse_args
@@ -127,8 +124,6 @@ def test_seed_rows_train_the_analytic_parameter_counts(tiny_model_factory):
 
 def test_shipped_specs_use_registered_data_sets():
     registry = REPO / "data" / "dataset_info.json"
-    if not registry.is_file():
-        pytest.skip("data/dataset_info.json not shipped yet")
     names = set(json.loads(registry.read_text()))
     for path in ALL_SPECS:
         spec = load_spec(REPO / path)

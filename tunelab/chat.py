@@ -60,7 +60,7 @@ def answer(engine: ChatEngine, query: str, history: list, stdout: TextIO, intera
 
 
 def main(argv: list[str]) -> int:
-    engine = ChatEngine.from_args(parse_args(argv))
+    engine = ChatEngine.from_args(parse_args(argv, prog="tunelab chat"))
     try:
         run(engine, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
     except KeyboardInterrupt:

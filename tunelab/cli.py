@@ -1,23 +1,62 @@
 """The `tunelab` command: one dispatch table from sub-command to the module that runs it.
 
     tunelab train  --do_train --dataset alpaca_gpt4_en --output_dir runs/x ...   (the 2023 flags)
-    tunelab train  cfg.yaml --learning_rate 1e-4                                  (file + overrides)
+    tunelab train  examples/train_lora.yaml --learning_rate 1e-4                 (file + overrides)
     tunelab eval   ... / tunelab predict ...   (= train --do_eval / --do_predict)
-    tunelab study  examples/study_2023_04_24.yaml [--scale full] [--report-only]
+    tunelab study  examples/study_2023_04_24.yaml [--scale full] [--report_only]
     tunelab score  generated_predictions.jsonl
     tunelab chat | serve | webui | export ...
 
 Each target is "module:function" taking argv and returning an exit code; modules import lazily so
-`tunelab --help` stays fast and a missing optional extra only breaks its own command.
+`tunelab --help` stays fast and a missing optional extra only breaks its own command. Every command parses
+its flags with `Parser` (below): errors are one-line TunelabErrors, and a flag may be written with dashes
+(`--dry-run`, `--learning-rate`) as well as with the canonical underscores.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import sys
 
 from tunelab.errors import TunelabError
+
+ALIAS_NOTE = "Every --option_name may also be written --option-name."
+
+
+def underscored(argv: list[str], known) -> list[str]:
+    """argv with each dashed flag (`--dry-run`, `--dry-run=x`) written as the known underscore flag it
+    aliases (`--dry_run`); anything else, and everything after a bare `--`, is left as it is."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
+            continue
+        name, sep, value = arg[2:].partition("=")
+        flag = "--" + name.replace("-", "_")
+        if flag in known:
+            out[i] = flag + sep + value
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """The argparse every tunelab command uses: raises TunelabError instead of printing usage and exiting
+    (the CLI prints it as one line), reads `--option-name` as `--option_name`, and takes no abbreviations
+    (`--learning_rat` is an unknown option naming the closest ones, not --learning_rate)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", ALIAS_NOTE)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # argparse hook
+        raise TunelabError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(underscored(args, self._option_string_actions), namespace)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tunelab.train:main", "Fine-tune (or --do_eval / --do_predict) with the 2023 toolkit's flags."),

@@ -3,9 +3,9 @@
 tunelab does not launch processes itself: `torchrun` or `accelerate launch` starts one process per
 device and describes the group in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 
-    torchrun --nproc_per_node 8 -m tunelab train cfg.yaml                  # DDP, NCCL on GPUs
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m tunelab train cfg.yaml --ddp_backend gloo   # CPU
-    accelerate launch --config_file examples/accelerate/fsdp.yaml -m tunelab train cfg.yaml
+    torchrun --nproc_per_node 8 -m tunelab train examples/train_lora.yaml                  # DDP, NCCL on GPUs
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m tunelab train examples/train_lora.yaml --ddp_backend gloo   # CPU
+    accelerate launch --config_file examples/accelerate/fsdp.yaml -m tunelab train examples/train_lora.yaml
     torchrun --nproc_per_node 8 -m tunelab predict --checkpoint_dir runs/x ...   # sharded eval
 
 Training needs nothing from here beyond `setup` and `is_main`: HF's Trainer runs DDP / DeepSpeed / FSDP.

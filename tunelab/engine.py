@@ -43,40 +43,17 @@ SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penal
 ROLES = ("system", "user", "assistant")
 
 
-# ---- options: a front end's own flags next to every tunelab option ----
-
-def parse_with(argv: list[str], extra_cls: type) -> tuple[Args, Any]:
-    """(Args, extra_cls instance): `extra_cls`'s flags (e.g. --port) are taken out first, the rest goes
-    through tunelab's parser, so model/checkpoint/template/generation flags work as in `tunelab train`.
-    An unknown flag fails with the closest name from both sets."""
-    import sys
-
-    from tunelab.errors import closest
-    from tunelab.hparams import _Parser, option_names, parse_args
-
-    parser = _Parser([extra_cls])
-    parser.allow_abbrev = False  # '--api' must not silently mean --api_key
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        print("\nplus the model, checkpoint, template and generation options of `tunelab train --help`.")
-        sys.exit(0)
-    (extra, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    valid = option_names() + [f.name for f in dataclasses.fields(extra_cls)]
-    for flag in rest:
-        name = flag[2:].split("=", 1)[0].replace("-", "_")  # HF's parser takes --dashed-names too
-        if flag.startswith("--") and name not in valid:
-            raise TunelabError(f"unknown option '{flag}': {closest(name, valid)}")
-    return parse_args(rest), extra
-
-
 # ---- messages (pure) ----
+
+def history_messages(history: Iterable[tuple[str, str]]) -> list[dict]:
+    """(user, assistant) pairs as alternating OpenAI-style user / assistant messages."""
+    return [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+
 
 def to_messages(query: str, history: Iterable[tuple[str, str]] = (), system: str | None = None) -> list[dict]:
     """OpenAI-style messages for a (history, query) pair as the 2023 toolkit kept them."""
     messages = [{"role": "system", "content": system}] if system else []
-    for user, assistant in history:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return messages + [{"role": "user", "content": query}]
+    return messages + history_messages(history) + [{"role": "user", "content": query}]
 
 
 def to_example(messages: Sequence[dict]):
@@ -274,10 +251,10 @@ class Generation:
         return self._reply(new)
 
     def _reply(self, new: list[int]) -> Reply:
-        eos = set(self.kwargs.get("eos_token_id") or [])
-        stop = next((i for i, t in enumerate(new) if t in eos), None)
-        answer = new if stop is None else new[:stop]
-        reason = "stop" if stop is not None else "cancelled" if self.cancelled.is_set() else "length"
+        from tunelab.generation import cut_at_end
+
+        answer, stopped = cut_at_end(new, self.kwargs.get("eos_token_id") or [])
+        reason = "stop" if stopped else "cancelled" if self.cancelled.is_set() else "length"
         text = self.engine.tokenizer.decode(answer, skip_special_tokens=True)
         return Reply(text, len(self.prompt), len(answer), reason)
 

@@ -29,7 +29,6 @@ from tunelab.setup import autocast, decoding_record, resolve_precision, setup_mo
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
-METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 def response_loss(model, dataset, tokenizer, batch_size: int, args: Args) -> float:
     """Mean cross-entropy over response tokens, token-weighted over the whole set (each rank sums its

@@ -28,9 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.engine import parse_with
 from tunelab.errors import TunelabError
-from tunelab.hparams import Args, _opt
+from tunelab.hparams import Args, _opt, parse_with
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def write_atomically(out: Path, write) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args, opts = parse_with(argv, ExportArguments)
+    args, opts = parse_with(argv, ExportArguments, prog="tunelab export")
     out = export(args, opts)
     print(f"tunelab export: wrote {out}", flush=True)
     return 0

@@ -125,13 +125,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int):
     return input_ids, mask
 
 
-def _answer_ids(tokens: list[int], budget: int, eos_ids: list[int]) -> list[int]:
-    """A row's new tokens up to its own budget and before its first eos (padding follows eos in a batch)."""
-    tokens = tokens[:budget]
+def cut_at_end(tokens: list[int], end_ids) -> tuple[list[int], bool]:
+    """(the tokens before the first end id, whether one was found): an answer ends at its first end token,
+    whatever follows it (padding in a batch)."""
     for pos, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[:pos]
-    return tokens
+        if token in end_ids:
+            return tokens[:pos], True
+    return tokens, False
 
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[int],
@@ -142,7 +142,8 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[in
     out = getattr(out, "sequences", out)  # a generation_config with return_dict_in_generate
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     eos = _ids(kwargs.get("eos_token_id"))
-    return [tokenizer.decode(_answer_ids(row, budget, eos), skip_special_tokens=True).strip()
+    # each row up to its own budget, then to its first eos
+    return [tokenizer.decode(cut_at_end(row[:budget], eos)[0], skip_special_tokens=True).strip()
             for row, budget in zip(new_tokens, budgets)]
 
 

@@ -1,9 +1,12 @@
-"""Every tunelab option, defined once, and the one parser that reads them.
+"""Every run option (model, data, method, generation, training), defined once, and the one parser that
+reads them.
 
-Options come from the command line, a YAML/JSON config file (`tunelab train cfg.yaml --lr ...`, flags
-override the file), or a dict (the study runner). All three go through the same argparse parser, so the
+Options come from the command line, a YAML/JSON config file (`tunelab train examples/train_lora.yaml
+--learning_rate 1e-4`: flags override the file), or a dict (the study runner). All three go through the same argparse parser, so the
 same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag names are ours; HF's
 `Seq2SeqTrainingArguments` supplies the training flags (`--output_dir`, `--learning_rate`, ...).
+A front end with flags of its own (serve, webui, export) adds one dataclass of them and parses with
+`parse_with`, so its `--help` lists its flags and every option here.
 
     from tunelab.hparams import parse_args
     args = parse_args(["--do_train", "--dataset", "alpaca_gpt4_en", "--output_dir", "runs/x"])
@@ -12,15 +15,18 @@ same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from tunelab.cli import Parser, underscored
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
 from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
@@ -134,15 +140,43 @@ _GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArgumen
            RunArguments)
 
 
-class _Parser(HfArgumentParser):
-    """HfArgumentParser that raises TunelabError instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # argparse hook
-        raise TunelabError(message)
+class _Parser(Parser, HfArgumentParser):
+    """HfArgumentParser with tunelab's Parser behaviour (TunelabError, dashed aliases)."""
 
 
-def build_parser() -> HfArgumentParser:
-    return _Parser(_GROUPS)
+def build_parser(prog: str = "tunelab") -> HfArgumentParser:
+    return _Parser(_GROUPS, prog=prog)
+
+
+def listen_arguments(default_port: int) -> type:
+    """The --host / --port dataclass of a front end that listens (serve, webui), with its default port;
+    subclass it to add the front end's own flags."""
+
+    @dataclass
+    class ListenArguments:
+        host: str = _opt("127.0.0.1", "Address to bind: 127.0.0.1 is this machine only; 0.0.0.0 exposes it to "
+                         "the network.")
+        port: int = _opt(default_port, "TCP port.")
+
+    return ListenArguments
+
+
+def parse_with(argv: list[str], extra_cls: type, prog: str = "tunelab") -> tuple[Args, Any]:
+    """(Args, extra_cls instance): `extra_cls`'s flags (e.g. --port) are taken out first, the rest goes
+    through parse_args, so model/checkpoint/template/generation flags work as in `tunelab train`.
+    `--help` lists both sets; an unknown flag fails with the closest name from both sets."""
+    if any(a in ("-h", "--help") for a in argv):
+        _Parser([extra_cls, *_GROUPS], prog=prog).print_help()  # also refuses a flag defined in both sets
+        sys.exit(0)
+    parser = _Parser([extra_cls], prog=prog)  # no abbreviations: '--api' must not silently mean --api_key
+    extra, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                     look_for_args_file=False)
+    valid = option_names() + [f.name for f in dataclasses.fields(extra_cls)]
+    for flag in rest:
+        name = flag[2:].split("=", 1)[0].replace("-", "_")
+        if flag.startswith("--") and name not in valid:
+            raise TunelabError(f"unknown option '{flag}': {closest(name, valid)}")
+    return parse_args(rest, prog=prog), extra
 
 
 def option_names() -> list[str]:
@@ -187,7 +221,7 @@ def _explicit_names(argv: list[str]) -> frozenset[str]:
     return frozenset(a[2:].split("=", 1)[0] for a in argv if a.startswith("--"))
 
 
-def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = None) -> Args:
+def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = None, prog: str = "tunelab") -> Args:
     """Parse flags (and an optional leading YAML/JSON file, or a config dict) into Args.
 
     Raises TunelabError naming the closest valid options for anything unknown.
@@ -197,8 +231,9 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         argv = config_to_argv(load_config_file(argv[0])) + argv[1:]
     if config:
         argv = config_to_argv(config) + argv
-    argv = _cpu_bf16(argv)
-    model, data, finetune, generation, training, run, rest = build_parser().parse_args_into_dataclasses(
+    parser = build_parser(prog)
+    argv = _cpu_bf16(underscored(argv, parser._option_string_actions))  # explicit names, too, are canonical
+    model, data, finetune, generation, training, run, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
     if rest:
         bad = rest[0]

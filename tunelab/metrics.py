@@ -32,8 +32,8 @@ import logging
 from pathlib import Path
 
 from tunelab.errors import TunelabError, closest
+from tunelab.names import METRIC_KEYS
 
-METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 _ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
 
 
@@ -115,19 +115,18 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
     return row["predict"], row["label"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises TunelabError instead of printing usage and exiting."""
+def build_parser() -> argparse.ArgumentParser:
+    from tunelab.cli import Parser
 
-    def error(self, message: str) -> None:  # argparse hook
-        raise TunelabError(message)
+    parser = Parser(prog="tunelab score",
+                    description="Score predictions files with the 2023 BLEU-4 / ROUGE-1/2/L formula.")
+    parser.add_argument("files", nargs="+", help="generated_predictions.jsonl (or the 2023 .txt) files.")
+    parser.add_argument("--output", help="Also write the scores of every file to this JSON file.")
+    return parser
 
 
 def _parse_cli(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="tunelab score", allow_abbrev=False,
-                     description="Score predictions files with the 2023 BLEU-4 / ROUGE-1/2/L formula.")
-    parser.add_argument("files", nargs="+", help="generated_predictions.jsonl (or the 2023 .txt) files.")
-    parser.add_argument("--output", help="Also write the scores of every file to this JSON file.")
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         bad = unknown[0]
         hint = closest(bad.lstrip("-").split("=", 1)[0], ["output"]) if bad.startswith("-") else ""

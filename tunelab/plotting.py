@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from tunelab.names import TRAINER_STATE_FILE
+
 
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
     """Exponential moving average; by default heavier smoothing for longer curves (as TensorBoard-like tools)."""
@@ -37,7 +39,7 @@ def plot_loss(run_dir: str | Path, out_name: str = "training_loss.png") -> Path 
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    state = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    state = json.loads((run_dir / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
     steps, losses = loss_points(state.get("log_history", []))
     if not steps:
         return None

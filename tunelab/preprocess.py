@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data import (DataStats, Example, SetCounts, data_file, dataset_names, get_entry, load_dataset_info,
                           load_examples, resolve_dataset_dir)
 from tunelab.errors import TunelabError
+from tunelab.names import PROMPT_OPTIONS
 from tunelab.templates import TEMPLATE_VERSION, Template, get_template, start_ids
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ STAGES = ("train", "eval")
 DATA_VERSION = 1  # bump when loading/normalisation or the row layout below changes (part of the cache key)
 STATS_FILE = "tunelab_data_stats.json"
 # Data options that change the tokenized rows (the dataset list itself enters the key in order, per set).
-KEY_OPTIONS = ("max_samples", "template", "source_prefix", "max_source_length", "max_target_length",
-               "identity_name", "identity_author")
+KEY_OPTIONS = ("max_samples", "max_target_length", *PROMPT_OPTIONS)  # order-free: the key is sorted JSON
 
 
 def _sha256(data: bytes) -> str:

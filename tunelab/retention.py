@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunelab.hparams import Args
+from tunelab.names import METRIC_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def base_metrics(args: Args, base_path: str, dataset, score: Callable) -> dict[s
 
 
 def retention_table(base: dict[str, float], tuned: dict[str, float]) -> dict[str, dict[str, float]]:
-    keys = [k for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "perplexity") if k in base and k in tuned]
+    keys = [k for k in (*METRIC_KEYS, "loss", "perplexity") if k in base and k in tuned]
     return {"base": {k: base[k] for k in keys}, "tuned": {k: tuned[k] for k in keys},
             "delta": {k: round(tuned[k] - base[k], 4) for k in keys}}
 

@@ -38,9 +38,9 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from tunelab.engine import ChatEngine, Generation, Reply, parse_with, to_example
+from tunelab.engine import ChatEngine, Generation, Reply, to_example
 from tunelab.errors import TunelabError
-from tunelab.hparams import _opt
+from tunelab.hparams import _opt, listen_arguments, parse_with
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ API_KEY_ENV = "TUNELAB_API_KEY"
 
 
 @dataclass
-class ServeArguments:
-    host: str = _opt("127.0.0.1", "Address to bind; 0.0.0.0 exposes the API to the network (set a key).")
-    port: int = _opt(8000, "TCP port.")
+class ServeArguments(listen_arguments(8000)):
     api_key: str | None = _opt(None, f"Bearer key clients must send (default: ${API_KEY_ENV}; none: open).")
     max_tokens_limit: int = _opt(2048, "Largest max_tokens a request may ask for.")
     served_model_name: str | None = _opt(None, "Model id clients pass (default: the checkpoint's folder name).")
@@ -253,7 +251,7 @@ async def stream_events(engine: ChatEngine, gen: Generation, include_usage: bool
 def main(argv: list[str]) -> int:
     import uvicorn
 
-    args, opts = parse_with(argv, ServeArguments)
+    args, opts = parse_with(argv, ServeArguments, prog="tunelab serve")
     api_key = opts.api_key or os.environ.get(API_KEY_ENV) or None
     if opts.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("serving on %s without an API key: anyone who reaches this port can use the model",

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.hparams import Args, DataArguments, ModelArguments
+from tunelab.names import PROMPT_OPTIONS
 
 logger = logging.getLogger(__name__)
 
 # Options a checkpoint's run decides unless the user sets them again: eval must format prompts as training did.
-INHERITED = ("template", "source_prefix", "max_source_length", "identity_name", "identity_author")
+INHERITED = PROMPT_OPTIONS
 
 
 # ---- precision ----

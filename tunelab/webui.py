@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.engine import ChatEngine, parse_with, to_messages
-from tunelab.hparams import Args, _opt
+from tunelab.engine import ChatEngine, history_messages, to_messages
+from tunelab.hparams import Args, _opt, listen_arguments, parse_with
 from tunelab.methods import METHOD_FILE
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,8 @@ MAX_DEPTH = 3  # runs_dir/<study>/<run>/checkpoint-N
 
 
 @dataclass
-class WebUIArguments:
+class WebUIArguments(listen_arguments(7860)):
     runs_dir: str = _opt("runs", "Folder whose tunelab run folders the checkpoint chooser lists.")
-    host: str = _opt("127.0.0.1", "Address to bind; 0.0.0.0 exposes the page to the network.")
-    port: int = _opt(7860, "TCP port.")
 
 
 def find_runs(runs_dir: str | Path) -> list[str]:
@@ -62,14 +60,6 @@ class Models:
                 self.engine = ChatEngine.from_args(args)
                 self.choice = choice
             return self.engine
-
-
-def as_messages(history: list[tuple[str, str]]) -> list[dict]:
-    """History pairs as gradio Chatbot messages."""
-    out = []
-    for user, assistant in history:
-        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return out
 
 
 def build_demo(models: Models, runs_dir: str | Path, initial: str = BASE_CHOICE):
@@ -118,7 +108,7 @@ def _respond(engine: ChatEngine, text: str, past: list, max_new_tokens: int, tem
     """Stream one answer: yields (cleared textbox, history, chatbot messages) as pieces arrive."""
     query = (text or "").strip()
     if not query:
-        yield "", past, as_messages(past)
+        yield "", past, history_messages(past)
         return
     past = [tuple(pair) for pair in past]
     gen = engine.stream(to_messages(query, past), max_new_tokens=max_new_tokens, temperature=temperature,
@@ -127,15 +117,15 @@ def _respond(engine: ChatEngine, text: str, past: list, max_new_tokens: int, tem
     try:
         for piece in gen:
             answer += piece
-            yield "", past, as_messages(past + [(query, answer)])
+            yield "", past, history_messages(past + [(query, answer)])
     finally:
         gen.cancel()  # the page went away mid-answer: free the model
     past = past + [(query, gen.reply.text)]
-    yield "", past, as_messages(past)
+    yield "", past, history_messages(past)
 
 
 def main(argv: list[str]) -> int:
-    args, opts = parse_with(argv, WebUIArguments)
+    args, opts = parse_with(argv, WebUIArguments, prog="tunelab webui")
     models = Models(args)
     initial = args.model.checkpoint_dir or BASE_CHOICE
     models.load(initial)

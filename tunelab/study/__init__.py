@@ -2,7 +2,7 @@
 
     tunelab study examples/study_2023_04_24.yaml              # the seed's 22 + 1 rows, quick scale
     tunelab study examples/study_2023_04_24.yaml --scale full
-    tunelab study runs/study_2023_04_24 --report-only         # rebuild the report from the run dirs
+    tunelab study runs/study_2023_04_24 --report_only         # rebuild the report from the run dirs
 
 Files, in the order a study uses them:
     spec.py         load and validate a study spec (YAML); expand it into row plans (pure)

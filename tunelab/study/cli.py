@@ -1,11 +1,11 @@
 """`tunelab study`: run a study spec and write its report, or rebuild the report of a study dir.
 
     tunelab study SPEC.yaml [--scale quick|full] [--output_dir DIR] [--workers N] [--devices cuda:0,cuda:1]
-                            [--rows 0,1,5] [--set option=value ...] [--dry-run]
+                            [--rows 0,1,5] [--set option=value ...] [--dry_run]
     tunelab study SPEC.yaml --executor slurm --partition gpu --rows_per_gpu 3 --time 4:00:00
     tunelab study SPEC.yaml --executor ray [--ray_address auto] [--gpus_per_row 1]
     tunelab study STUDY_DIR                  # resume it with its own spec.yaml and scale
-    tunelab study STUDY_DIR --report-only    # rebuild report.md / report.html / results.csv
+    tunelab study STUDY_DIR --report_only    # rebuild report.md / report.html / results.csv
 
 The study dir defaults to runs/<name> for the spec's default scale and runs/<name>_<scale> for another
 scale, so a quick and a full study never mix. Exit code 0 when every row is done, 1 when some failed.
@@ -22,18 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.names import PLAN_FILE, SPEC_FILE
 from tunelab.study import executors
-
-PLAN_FILE = "plan.json"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse hook: one-line errors through the main CLI
-        raise TunelabError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tunelab study", description="Run a grid of fine-tuning runs and write a report.")
+    from tunelab.cli import Parser
+
+    p = Parser(prog="tunelab study", description="Run a grid of fine-tuning runs and write a report.")
     p.add_argument("spec", help="study spec (.yaml), or a study dir to resume / rebuild the report of")
     p.add_argument("--scale", help="named scale of the spec (quick, full); default: the spec's default_scale")
     p.add_argument("--output_dir", help="study dir (default runs/<name>, or runs/<name>_<scale> off the default scale)")
@@ -43,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="OPTION=VALUE",
                    help="an option for every stage of every row, e.g. --set model_name_or_path=/models/x "
                         "or --set target_match=legacy (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the expanded plan and exit")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report of a study dir")
+    p.add_argument("--dry_run", action="store_true", help="print the expanded plan and exit")
+    p.add_argument("--report_only", action="store_true", help="only rebuild the report of a study dir")
     executors.add_arguments(p)
     return p
 
@@ -77,9 +73,9 @@ def load(ns: argparse.Namespace):
     overrides = parse_overrides(ns.overrides)
     if path.is_dir():
         plan = json.loads((path / PLAN_FILE).read_text(encoding="utf-8")) if (path / PLAN_FILE).is_file() else {}
-        if not (path / "spec.yaml").is_file():
-            raise TunelabError(f"{path} is not a study dir (no spec.yaml): give a study spec .yaml")
-        spec_file, study_dir = path / "spec.yaml", path
+        if not (path / SPEC_FILE).is_file():
+            raise TunelabError(f"{path} is not a study dir (no {SPEC_FILE}): give a study spec .yaml")
+        spec_file, study_dir = path / SPEC_FILE, path
         overrides = {**plan.get("set", {}), **overrides}
         scale = ns.scale or plan.get("scale")
     else:
@@ -169,7 +165,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
 
 def _report(study_dir: Path) -> int:
     if not (study_dir / PLAN_FILE).is_file():
-        raise TunelabError(f"--report-only needs a study dir with {PLAN_FILE}, got {study_dir}")
+        raise TunelabError(f"--report_only needs a study dir with {PLAN_FILE}, got {study_dir}")
     paths = _write_report(study_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.names import results_file
 from tunelab.study import runner
 from tunelab.study.spec import RowPlan
 
@@ -406,5 +407,5 @@ class TorchrunStage:
         if done.returncode != 0:
             raise RuntimeError(f"torchrun ({self.nproc} processes) exited with {done.returncode}: its output is in "
                                "the job's log")
-        results = Path(args.training.output_dir) / f"{stage}_results.json"
+        results = Path(args.training.output_dir) / results_file(stage)
         return json.loads(results.read_text(encoding="utf-8"))

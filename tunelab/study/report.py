@@ -1,7 +1,7 @@
 """Write a study's report from its run directories: report.md, results.csv, report.html, figures/.
 
     from tunelab.study.report import build_report
-    build_report("runs/study_2023_04_24")        # = tunelab study runs/study_2023_04_24 --report-only
+    build_report("runs/study_2023_04_24")        # = tunelab study runs/study_2023_04_24 --report_only
 
 report.html is one self-contained file (inline CSS, figures as base64 PNG, no external URL) that opens
 offline; links to each row's predictions are relative to the study dir. results.csv has one line per
@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.names import METRIC_LABELS
 from tunelab.study import figures
 from tunelab.study.conclusions import Verdict, check_conclusions
 from tunelab.study.results import METRICS, REFERENCE_LABEL, Row, Study, load_reference, read_study
 
 Cell = str | list[tuple[str, str]]  # text, or links as (text, relative href)
-SHORT = {"bleu-4": "B-4", "rouge-1": "R-1", "rouge-2": "R-2", "rouge-l": "R-L"}
+SHORT = METRIC_LABELS
 SPREAD_NOTE = ("Values are means over seeds; ± on scores is the sample standard deviation over seeds. On style gain "
                "and retention, ± is their noise: that standard deviation with several seeds, or with one seed the "
                "standard error over eval samples of the per-sample difference from the base row. A style gain or "

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.names import (METRIC_KEYS, PLAN_FILE, PREDICTIONS_FILE, ROW_FILE, TRAINABLE_FILE, TRAINER_STATE_FILE,
+                           results_file)
 from tunelab.plotting import loss_points
 
-METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+METRICS = METRIC_KEYS
 REFERENCE_FILE = "seed_study_2023_04_24_results.json"
 REFERENCE_LABEL = "ChatGLM-6B on other data (ChatNVL 2023-04-24), not comparable in absolute terms"
 
@@ -106,7 +108,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def read_study(study_dir: str | Path) -> Study:
     """Every row of a study dir, aggregated over seeds, with derived columns against row 0."""
     study_dir = Path(study_dir)
-    plan = _read_json(study_dir / "plan.json")
+    plan = _read_json(study_dir / PLAN_FILE)
     if not plan.get("rows"):
         raise TunelabError(f"{study_dir} is not a study directory (no plan.json with rows): "
                            "run `tunelab study SPEC.yaml` first")
@@ -121,17 +123,17 @@ def read_study(study_dir: str | Path) -> Study:
 def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> RunResult:
     """One (row, seed) from its row.json and stage dirs; missing files leave columns out."""
     row_dir = study_dir / entry["dir"]
-    record = _read_json(row_dir / "row.json")
+    record = _read_json(row_dir / ROW_FILE)
     run = RunResult(id=entry["id"], name=entry["name"], seed=entry["seed"], labels=entry.get("labels", {}),
                     dir=entry["dir"], status=record.get("status", "pending"), error=record.get("error"))
-    trainable = _read_json(row_dir / "train" / "trainable.json")
-    train = _read_json(row_dir / "train" / "train_results.json")
+    trainable = _read_json(row_dir / "train" / TRAINABLE_FILE)
+    train = _read_json(row_dir / "train" / results_file("train"))
     for column, value in (("trainable_params", trainable.get("trainable_params")),
                           ("trainable_percent", trainable.get("trainable_percent")),
                           ("train_loss", train.get("train_loss")), ("train_runtime", train.get("train_runtime"))):
         if isinstance(value, (int, float)):
             run.values[column] = float(value)
-    state = _read_json(row_dir / "train" / "trainer_state.json")
+    state = _read_json(row_dir / "train" / TRAINER_STATE_FILE)
     run.loss_curve = list(zip(*loss_points(state.get("log_history", []))))
     for name in eval_sets:
         _read_eval(run, row_dir / name, name, f"{entry['dir']}/{name}")
@@ -139,15 +141,15 @@ def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> Ru
 
 
 def _read_eval(run: RunResult, stage_dir: Path, name: str, rel: str) -> None:
-    results = _read_json(stage_dir / "predict_results.json") or _read_json(stage_dir / "eval_results.json")
+    results = _read_json(stage_dir / results_file("predict")) or _read_json(stage_dir / results_file("eval"))
     for metric in METRICS:
         for prefix in ("predict_", "eval_"):
             value = results.get(prefix + metric)
             if isinstance(value, (int, float)):
                 run.values[f"{name}_{metric}"] = float(value)
                 break
-    if (stage_dir / "generated_predictions.jsonl").is_file():
-        run.predictions[name] = f"{rel}/generated_predictions.jsonl"
+    if (stage_dir / PREDICTIONS_FILE).is_file():
+        run.predictions[name] = f"{rel}/{PREDICTIONS_FILE}"
 
 
 # ---- eval-sample noise (one seed) ----

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.names import PLAN_FILE, ROW_FILE, SPEC_FILE, results_file
 from tunelab.study.spec import RowPlan
 
 logger = logging.getLogger(__name__)
 
-ROW_FILE = "row.json"
-PLAN_FILE = "plan.json"
-RESULT_FILES = {"train": "train_results.json", "eval": "predict_results.json"}  # written last by each stage
+RESULT_FILES = {"train": results_file("train"), "eval": results_file("predict")}  # written last by each stage
 
 RunFn = Callable[[Any], dict]
 
@@ -71,7 +70,7 @@ def write_plan(study_dir: Path, plans: list[RowPlan], meta: dict[str, Any], spec
     """plan.json (the expanded plan the report reads) and spec.yaml (the spec as given)."""
     study_dir.mkdir(parents=True, exist_ok=True)
     if spec_text is not None:
-        (study_dir / "spec.yaml").write_text(spec_text, encoding="utf-8")
+        (study_dir / SPEC_FILE).write_text(spec_text, encoding="utf-8")
     _write_json(study_dir / PLAN_FILE, {**meta, "rows": [p.to_dict() for p in plans]})
 
 

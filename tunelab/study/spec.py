@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError, closest
+from tunelab.names import PROMPT_OPTIONS
 
 SPEC_KEYS = ("name", "description", "output_dir", "shared", "train", "eval", "eval_sets", "aux_dataset",
              "base", "seeds", "rows", "axes", "scales", "default_scale")
@@ -52,8 +53,7 @@ RUNNER_OPTIONS = ("output_dir", "do_train", "do_eval", "do_predict", "predict_wi
                   "overwrite_output_dir", "resume_from_checkpoint", "seed")
 # Options an eval stage takes from its row's training config, so prompts are formatted as in training
 # even when a row overrides them (tunelab eval would inherit them from the checkpoint too).
-FORMAT_OPTIONS = ("model_name_or_path", "dataset_dir", "template", "source_prefix", "max_source_length",
-                  "identity_name", "identity_author")
+FORMAT_OPTIONS = ("model_name_or_path", "dataset_dir", *PROMPT_OPTIONS)
 
 
 @dataclass
