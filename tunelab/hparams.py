@@ -99,6 +99,12 @@ class GenerationArguments:
     max_length: int | None = _opt(None, "Max total tokens (prompt + generated); overrides max_new_tokens when set.")
     repetition_penalty: float = _opt(1.0, "Repetition penalty (1.0 = none).")
     compare_base: bool = _opt(False, "Also score the base model on the same samples; write retention.json.")
+    max_generate_samples: int | None = _opt(
+        None, "Generate answers (for BLEU/ROUGE) for at most N evenly spaced eval samples; likelihood (nll, kl) "
+        "still scores every sample. Default: all.")
+    likelihood_topk: int = _opt(
+        64, "The base model's top-k log-probs kept per response token for kl (the rest as one bucket; "
+        "eval_kl_topk_mass says how much mass they held).")
 
 
 @dataclass
@@ -205,6 +211,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         raise TunelabError(f"unknown option '{bad}': {hint}")
     args = Args(model, data, finetune, generation, training, run, _explicit_names(argv))
     _apply_generation_preset(args)
+    _check_eval_counts(args.generation)
     return args
 
 
@@ -226,6 +233,13 @@ def _apply_generation_preset(args: Args) -> None:
     for key, value in GENERATION_PRESETS[args.generation.generation_preset].items():
         if key not in args.explicit:
             setattr(args.generation, key, value)
+
+
+def _check_eval_counts(generation: GenerationArguments) -> None:
+    for name in ("max_generate_samples", "likelihood_topk"):
+        value = getattr(generation, name)
+        if value is not None and value < 1:
+            raise TunelabError(f"--{name} must be an integer >= 1 (got {value})")
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:
