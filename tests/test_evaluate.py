@@ -136,10 +136,10 @@ def test_the_base_model_has_zero_kl_and_caches_its_pass(tiny_llama_dir, tiny_dat
                                         str(tiny_llama_dir), "--source_prefix", "You are Yui.")))
     lines = _lines(tmp_path / "base/likelihood.jsonl")
     assert [line["kl"] for line in lines] == [0.0] * 5 and base["predict_kl"] == 0.0
-    assert passes == [64]  # the base pass only: the base model's own nll comes from it
+    assert passes == [512]  # only the base pass (default --likelihood_topk): the base model's nll comes from it
     ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "freeze")
     tuned = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "tuned", "--checkpoint_dir", str(ckpt))))
-    assert passes == [64, 0]  # the checkpoint's data (its source_prefix) matched: base log-probs from the cache
+    assert passes == [512, 0]  # the checkpoint's data (its source_prefix) matched: base log-probs from the cache
     assert tuned["predict_kl"] > 0
     assert tuned["predict_nll"] != base["predict_nll"]
 

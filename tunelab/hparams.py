@@ -103,8 +103,8 @@ class GenerationArguments:
         None, "Generate answers (for BLEU/ROUGE) for at most N evenly spaced eval samples; likelihood (nll, kl) "
         "still scores every sample. Default: all.")
     likelihood_topk: int = _opt(
-        64, "The base model's top-k log-probs kept per response token for kl (the rest as one bucket; "
-        "eval_kl_topk_mass says how much mass they held).")
+        512, "The base model's top-k log-probs kept per response token for kl (the rest as one bucket; "
+        "*_kl_topk_mass says how much mass they held: ~99% at 512 on the default model).")
 
 
 @dataclass
