@@ -127,13 +127,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_predict_writes_what_one_process_writes(tiny_llama_dir, tiny_data_dir, tmp_path, one_thread):
+def test_two_process_predict_writes_what_one_process_writes(tiny_llama_dir, tiny_data_dir, tmp_path, one_thread,
+                                                            monkeypatch):
     """accelerate launch with the shipped DDP config, 2 processes on 5 samples (3 + 2): the gathered
-    predictions are the 1-process ones in the same order, and so are the scores."""
+    predictions are the 1-process ones in the same order, and so are the scores and the per-sample
+    likelihoods (each rank computes its shard of the base pass: the launch gets an empty cache)."""
     one, two = tmp_path / "one", tmp_path / "two"
     from tunelab.cli import main
 
     assert main(["predict", *predict_argv(tiny_llama_dir, tiny_data_dir, one)]) == 0
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "launch_cache"))
     launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate/ddp.yaml"),
             "--num_processes", "2", "--main_process_port", str(free_port()),
             "-m", "tunelab", "predict", *predict_argv(tiny_llama_dir, tiny_data_dir, two)])
@@ -144,6 +147,10 @@ def test_two_process_predict_writes_what_one_process_writes(tiny_llama_dir, tiny
     for key in ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_samples"):
         assert r2[key] == r1[key], key
     assert r2["predict_loss"] == pytest.approx(r1["predict_loss"], rel=1e-5)  # summed in another order
+    l1, l2 = ([json.loads(x) for x in (d / "likelihood.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [x["index"] for x in l2] == list(range(5)) and [x["tokens"] for x in l2] == [x["tokens"] for x in l1]
+    assert [x["nll"] for x in l2] == pytest.approx([x["nll"] for x in l1], abs=1e-5)
+    assert len(list((tmp_path / "launch_cache/likelihood").glob("*.safetensors"))) == 1  # rank 0 cached it
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}
 
 

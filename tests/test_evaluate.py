@@ -4,10 +4,12 @@ method scored without method flags, and retention with a cached base pass."""
 import json
 
 import pytest
+import torch
 
 from tunelab import retention
 from tunelab.cli import main
-from tunelab.hparams import parse_args
+from tunelab.evaluate import generation_subset
+from tunelab.hparams import TunelabError, parse_args
 from tunelab.methods import method_names
 from tunelab.train import run
 
@@ -34,14 +36,16 @@ def test_predict_a_trained_checkpoint_needs_no_method_flags(tiny_llama_dir, tiny
     ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", method)
     out = tmp_path / "pred"
     results = run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt))))
-    keys = {f"predict_{k}" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "perplexity", "samples")}
+    keys = {f"predict_{k}" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "perplexity", "samples",
+                                     "nll", "kl", "kl_topk_mass", "likelihood_samples", "generated_samples")}
     assert keys <= set(results)
     assert json.loads((out / "predict_results.json").read_text()) == results
     assert keys <= set(json.loads((out / "all_results.json").read_text()))
     lines = (out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5
     rows = [json.loads(line) for line in lines]
-    assert all(set(r) == {"prompt", "predict", "label"} for r in rows)
+    assert all(set(r) == {"index", "prompt", "predict", "label"} for r in rows)
+    assert [r["index"] for r in rows] == list(range(5))
     assert rows[0]["label"] == "Hello 0! I am fine, thank you."
     assert "You are Yui." in rows[0]["prompt"]  # the run's source_prefix came from the checkpoint
     assert "你好" in lines[0]                       # UTF-8, not ASCII-escaped
@@ -77,7 +81,8 @@ def test_retention_reuses_one_base_pass(tiny_llama_dir, tiny_data_dir, tmp_path,
         run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt), "--compare_base")))
         table = json.loads((out / "retention.json").read_text())
         assert set(table) == {"base", "tuned", "delta"}
-        for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss"):
+        assert table["base"]["kl"] == 0.0 and table["tuned"]["kl"] > 0
+        for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "nll", "kl"):
             assert table["delta"][key] == pytest.approx(table["tuned"][key] - table["base"][key], abs=1e-3)
     assert len(calls) == 3, calls  # tuned, base, tuned: the second run read the base scores from the cache
 
@@ -86,3 +91,111 @@ def test_retention_table_is_pure():
     table = retention.retention_table({"bleu-4": 10.0, "loss": 2.0}, {"bleu-4": 12.5, "loss": 1.5, "extra": 1})
     assert table == {"base": {"bleu-4": 10.0, "loss": 2.0}, "tuned": {"bleu-4": 12.5, "loss": 1.5},
                      "delta": {"bleu-4": 2.5, "loss": -0.5}}
+
+
+# ---- per-sample likelihood (likelihood.jsonl) and the generation subset ----
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_predict_writes_likelihood_per_sample_and_its_aggregates(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """A tuned checkpoint: likelihood.jsonl has one line per sample with kl against the base model (whose
+    pass ran first, on the same loaded model); the aggregates are their token-weighted means."""
+    ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "lora")
+    out = tmp_path / "pred"
+    results = run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt),
+                                           "--max_generate_samples", "2", "--likelihood_topk", "8")))
+    lines = _lines(out / "likelihood.jsonl")
+    assert [line["index"] for line in lines] == list(range(5))
+    assert all(set(line) == {"index", "tokens", "nll", "kl"} for line in lines)
+    assert all(line["tokens"] > 0 and line["nll"] > 0 and line["kl"] > 0 for line in lines)
+    count = sum(line["tokens"] for line in lines)
+    assert results["predict_nll"] == pytest.approx(sum(x["nll"] * x["tokens"] for x in lines) / count, abs=1e-5)
+    assert results["predict_kl"] == pytest.approx(sum(x["kl"] * x["tokens"] for x in lines) / count, abs=1e-5)
+    assert results["predict_loss"] == results["predict_nll"]
+    assert 0 < results["predict_kl_topk_mass"] < 1
+    assert results["predict_likelihood_samples"] == 5 and results["predict_generated_samples"] == 2
+    preds = _lines(out / "generated_predictions.jsonl")
+    assert [p["index"] for p in preds] == [0, 3]  # round(0 * 5/2), round(1 * 5/2) with halves up
+    assert preds[1]["label"] == "Hello 3! I am fine, thank you."
+
+
+def test_the_base_model_has_zero_kl_and_caches_its_pass(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """The base model's own eval: kl = 0.0 per sample and its pass cached, so a checkpoint's eval on the same
+    data reads the base log-probs instead of computing them: one top-k pass in all."""
+    import tunelab.evaluate as ev
+
+    passes = []
+    original = ev.sample_likelihoods
+
+    def counting(*a, topk=0, **k):
+        passes.append(topk)
+        return original(*a, topk=topk, **k)
+
+    monkeypatch.setattr(ev, "sample_likelihoods", counting)
+    base = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "base", "--model_name_or_path",
+                                        str(tiny_llama_dir), "--source_prefix", "You are Yui.")))
+    lines = _lines(tmp_path / "base/likelihood.jsonl")
+    assert [line["kl"] for line in lines] == [0.0] * 5 and base["predict_kl"] == 0.0
+    assert passes == [512]  # only the base pass (default --likelihood_topk): the base model's nll comes from it
+    ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "freeze")
+    tuned = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "tuned", "--checkpoint_dir", str(ckpt))))
+    assert passes == [512, 0]  # the checkpoint's data (its source_prefix) matched: base log-probs from the cache
+    assert tuned["predict_kl"] > 0
+    assert tuned["predict_nll"] != base["predict_nll"]
+
+
+def test_a_none_checkpoint_has_zero_kl(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """A `none` checkpoint changes nothing: its computed kl against the base pass is 0, nll the base's."""
+    ckpt = tmp_path / "none_ckpt"
+    ckpt.mkdir()
+    (ckpt / "tunelab_method.json").write_text(json.dumps({"finetuning_type": "none",
+                                                          "base_model": str(tiny_llama_dir)}))
+    out = tmp_path / "eval"
+    results = run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt))))
+    assert results["predict_kl"] == pytest.approx(0.0, abs=1e-6)
+    base = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "base", "--model_name_or_path",
+                                        str(tiny_llama_dir))))
+    assert results["predict_nll"] == pytest.approx(base["predict_nll"], abs=1e-6)
+
+
+def test_base_likelihood_is_computed_once(tiny_llama_dir, tiny_data_dir, tmp_path):
+    from tunelab.evaluate import sample_likelihoods
+    from tunelab.model import load_model_and_tokenizer
+    from tunelab.preprocess import build_dataset
+
+    args = parse_args(_predict_argv(tiny_data_dir, tmp_path / "x", "--model_name_or_path", str(tiny_llama_dir),
+                                    "--likelihood_topk", "4"))
+    model, tokenizer, _ = load_model_and_tokenizer(args.model)
+    dataset = build_dataset(args.data, tokenizer, "eval")
+    calls = []
+
+    def compute_once():
+        assert not calls, "the base pass ran twice"
+        calls.append(1)
+        return sample_likelihoods(model.eval(), dataset, tokenizer, args, topk=4)[1]
+
+    first = retention.base_likelihood(args, str(tiny_llama_dir), dataset, compute_once)
+    again = retention.base_likelihood(args, str(tiny_llama_dir), dataset, compute_once)
+    assert calls == [1] and first.k == again.k == 4
+    assert torch.equal(first.ids, again.ids) and torch.equal(first.logprobs, again.logprobs)
+
+
+@pytest.mark.parametrize("n, limit, expected", [(5, 2, [0, 3]), (10, 3, [0, 3, 7]), (4, 4, [0, 1, 2, 3]),
+                                                (3, 9, [0, 1, 2]), (7, None, list(range(7))), (100, 1, [0])])
+def test_generation_subset_is_evenly_spaced(n, limit, expected):
+    assert generation_subset(n, limit) == expected
+
+
+def test_generation_subset_is_strictly_increasing():
+    for n in range(1, 40):
+        for limit in range(1, n + 1):
+            chosen = generation_subset(n, limit)
+            assert len(chosen) == limit and chosen == sorted(set(chosen)) and chosen[-1] < n
+
+
+@pytest.mark.parametrize("flag", ["--max_generate_samples", "--likelihood_topk"])
+def test_eval_counts_must_be_positive(flag):
+    with pytest.raises(TunelabError, match=f"{flag} must be an integer >= 1"):
+        parse_args(["--do_eval", "--output_dir", "x", flag, "0"])

@@ -1,12 +1,19 @@
 """`tunelab eval` / `tunelab predict` (= `tunelab train --do_eval|--do_predict`): score a base model or a
-tunelab checkpoint on a data set with the 2023 study's metrics, plus response-token loss and perplexity.
+tunelab checkpoint on a data set: per-sample likelihood of the reference answers (NLL, and KL drift from
+the base model; tunelab/likelihood.py) and the 2023 study's BLEU/ROUGE of generated answers.
 
     tunelab predict --dataset haruhi_persona_test --checkpoint_dir runs/x --output_dir runs/x_eval \
-        --max_samples 100 [--compare_base] [--generation_preset seed2023]
+        --max_samples 100 [--max_generate_samples 48] [--compare_base] [--generation_preset seed2023]
 
-Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss,
-eval_perplexity), generated_predictions.jsonl for predict, and retention.json with --compare_base.
+Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss =
+eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples),
+likelihood.jsonl (one line per sample: index, tokens, nll, kl), generated_predictions.jsonl for predict
+(index, prompt, predict, label; only the generated subset), and retention.json with --compare_base.
 The method, targets, template and source_prefix of a checkpoint are read from its run files.
+
+Order of work: the base model's pass (per-sample NLL + top-k log-probs, cached per base model and data,
+tunelab/retention.py) runs on the base model before the checkpoints are applied; then the evaluated
+model's likelihood pass (KL against those log-probs), then generation for the chosen subset.
 
 Under `torchrun` / `accelerate launch` every rank loads the model, scores its share of the samples
 (tunelab/distributed.py) and the answers are gathered back in data-set order; only rank 0 writes.
@@ -17,46 +24,67 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from tunelab import distributed
 from tunelab.hparams import Args
-from tunelab.setup import autocast, decoding_record, resolve_precision, setup_model
+from tunelab.setup import apply_checkpoints, autocast, decoding_record, resolve_precision, setup_base
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 
-def response_loss(model, dataset, tokenizer, batch_size: int, args: Args) -> float:
-    """Mean cross-entropy over response tokens, token-weighted over the whole set (each rank sums its
-    shard; the sums are added up across ranks)."""
-    rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
-    mine = [rows[i] for i in distributed.my_shard(len(rows))]
-    sums = distributed.all_gather(_loss_sums(model, mine, tokenizer, batch_size, args))
-    total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
-    return total / max(count, 1)
-
-
-def _loss_sums(model, rows: list[dict], tokenizer, batch_size: int, args: Args) -> tuple[float, int]:
-    """(summed response-token cross-entropy, response-token count) over `rows`."""
+def sample_likelihoods(model, dataset, tokenizer, args: Args, base=None, topk: int = 0):
+    """(Scores, BaseTopK or None) of every sample in data-set order (tunelab/likelihood.py): each rank scores
+    its shard in one teacher-forced pass over the full sequences; the shards are gathered in order."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    from tunelab.trainer import supervised_loss
+    from tunelab import likelihood
 
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
+    rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
+    mine = distributed.my_shard(len(rows))
     with torch.inference_mode(), autocast(args):
-        for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(supervised_loss(model, batch)) * n
-            count += n
-    return total, count
+        scores, top = likelihood.score_rows(model, [rows[i] for i in mine], tokenizer,
+                                            args.training.per_device_eval_batch_size,
+                                            base=None if base is None else base.select(mine), topk=topk)
+    scores = likelihood.merge_shards(distributed.all_gather(scores), len(rows))
+    return scores, (likelihood.merge_shards(distributed.all_gather(top), len(rows)) if topk else None)
+
+
+def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device):
+    """The base model's per-sample NLL and top-k log-probs on `dataset` (BaseTopK), from the cache or computed
+    once (retention.base_likelihood). `model` is the base model before any checkpoint is applied, so the base
+    pass runs on it and no second model is loaded; a full checkpoint is itself the loaded model, so its
+    recorded base is loaded for the pass and freed after it. None when that base is unknown."""
+    from tunelab.methods import read_method
+    from tunelab.retention import base_likelihood
+
+    topk = args.generation.likelihood_topk
+    if ckpts and read_method(ckpts[0])["finetuning_type"] == "full":
+        base_path = read_method(ckpts[0]).get("base_model")
+        if not base_path:
+            return None
+
+        def compute():
+            from tunelab.model import load_model_and_tokenizer
+
+            base_args = dataclasses.replace(args.model, model_name_or_path=base_path, checkpoint_dir=None)
+            base_model = load_model_and_tokenizer(base_args)[0].to(device).eval()
+            return sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1]
+    else:
+        def compute():
+            return sample_likelihoods(model.to(device).eval(), dataset, tokenizer, args, topk=topk)[1]
+    return base_likelihood(args, base_path, dataset, compute)
+
+
+def generation_subset(n: int, limit: int | None) -> list[int]:
+    """The samples answered by generation: all n, or `limit` evenly spaced ones, i = round(j * n / limit)
+    for j = 0..limit-1 (halves round up; integer arithmetic, so strictly increasing)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [(2 * j * n + limit) // (2 * limit) for j in range(limit)]
 
 
 def predict(model, tokenizer, dataset, args: Args) -> list[str]:
@@ -73,27 +101,62 @@ def predict(model, tokenizer, dataset, args: Args) -> list[str]:
     return distributed.gather_in_order(answers, len(prompts))
 
 
-def score(model, tokenizer, dataset, args: Args, generate: bool) -> tuple[dict[str, float], list[str] | None]:
-    """Loss/perplexity, and BLEU/ROUGE of generated answers when `generate`; unprefixed keys."""
+@dataclasses.dataclass
+class Scored:
+    """What `score` measured: unprefixed metrics, likelihood.jsonl lines, and the generated answers with the
+    data-set indices of the samples they answer (None without generation)."""
+
+    metrics: dict[str, Any]
+    likelihood: list[dict[str, Any]]
+    predictions: list[str] | None = None
+    indices: list[int] | None = None
+
+
+def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_base: bool = False) -> Scored:
+    """Per-sample likelihood (nll, and kl against `base`, a BaseTopK of the base model on `dataset`) of every
+    sample, and BLEU/ROUGE of the answers generated for the --max_generate_samples subset when `generate`.
+    `is_base`: the model is the base model itself, so kl = 0 (and its nll is `base`'s when given)."""
+    from tunelab import likelihood
     from tunelab.metrics import score_corpus
 
     start = time.time()
-    loss = response_loss(model, dataset, tokenizer, args.training.per_device_eval_batch_size, args)
-    metrics: dict[str, float] = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
-    preds = None
+    if is_base and base is not None:
+        scores = base.scores()
+    else:
+        scores, _ = sample_likelihoods(model, dataset, tokenizer, args, base=None if is_base else base)
+        scores = scores.with_zero_kl() if is_base else scores
+    agg = likelihood.aggregate(scores)
+    metrics: dict[str, Any] = {"loss": agg["nll"], **agg,
+                               "kl_topk_mass": None if base is None else round(base.covered_mass(), 6)}
+    scored = Scored(metrics, likelihood.records(scores))
     if generate:
-        preds = predict(model, tokenizer, dataset, args)
-        metrics.update(score_corpus(preds, list(dataset["label"])))
+        scored.indices = generation_subset(len(dataset), args.generation.max_generate_samples)
+        subset = dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset
+        scored.predictions = predict(model, tokenizer, subset, args)
+        metrics.update(score_corpus(scored.predictions, list(subset["label"])))
+        metrics["generated_samples"] = len(scored.indices)
     metrics["samples"] = len(dataset)
     metrics["runtime"] = round(time.time() - start, 3)
     metrics["samples_per_second"] = round(len(dataset) / max(metrics["runtime"], 1e-9), 3)
-    return metrics, preds
+    return scored
 
 
-def write_predictions(path: Path, dataset, preds: list[str]) -> None:
+def write_predictions(path: Path, dataset, preds: list[str], indices: list[int]) -> None:
+    """generated_predictions.jsonl: {"index", "prompt", "predict", "label"} per generated sample."""
     with path.open("w", encoding="utf-8") as f:
-        for prompt, pred, label in zip(dataset["prompt"], preds, dataset["label"]):
-            f.write(json.dumps({"prompt": prompt, "predict": pred, "label": label}, ensure_ascii=False) + "\n")
+        for i, pred in zip(indices, preds):
+            row = dataset[i]
+            line = {"index": i, "prompt": row["prompt"], "predict": pred, "label": row["label"]}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def write_scored(out: Path, stage: str, scored: Scored, dataset) -> None:
+    """likelihood.jsonl, and generated_predictions.jsonl for predict."""
+    from tunelab.likelihood import LIKELIHOOD_FILE, write_records
+
+    write_records(out / LIKELIHOOD_FILE, scored.likelihood)
+    if scored.predictions is not None and stage == "predict":
+        write_predictions(out / PREDICTIONS_FILE, dataset, scored.predictions, scored.indices)
 
 
 def run_eval(args: Args, stage: str) -> dict[str, Any]:
@@ -103,18 +166,21 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     out = runinfo.check_output_dir(args)
     training, device = distributed.setup(resolve_precision(args))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
-    loaded = setup_model(dataclasses.replace(args, training=training), stage)
+    loaded = setup_base(dataclasses.replace(args, training=training), stage)
     args, tokenizer = loaded.args, loaded.tokenizer
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "eval")
+    # the base model's pass runs before the checkpoints apply
+    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device)
+    loaded = apply_checkpoints(loaded)
     model = loaded.model.to(device).eval()
     generate = stage == "predict" or args.training.predict_with_generate
-    metrics, preds = score(model, tokenizer, dataset, args, generate)
+    scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints)
+    metrics = scored.metrics
     main = distributed.is_main()
     if main:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
-    if main and preds is not None and stage == "predict":
-        write_predictions(out / PREDICTIONS_FILE, dataset, preds)
+        write_scored(out, stage, scored, dataset)
     if args.generation.compare_base and generate and loaded.checkpoints:
         base_path = loaded.base_path
         del model, loaded  # free the tuned model before the base model loads

@@ -107,6 +107,12 @@ class GenerationArguments:
     max_length: int | None = _opt(None, "Max total tokens (prompt + generated); overrides max_new_tokens when set.")
     repetition_penalty: float = _opt(1.0, "Repetition penalty (1.0 = none).")
     compare_base: bool = _opt(False, "Also score the base model on the same samples; write retention.json.")
+    max_generate_samples: int | None = _opt(
+        None, "Generate answers (for BLEU/ROUGE) for at most N evenly spaced eval samples; likelihood (nll, kl) "
+        "still scores every sample. Default: all.")
+    likelihood_topk: int = _opt(
+        512, "The base model's top-k log-probs kept per response token for kl (the rest as one bucket; "
+        "*_kl_topk_mass says how much mass they held: ~99% at 512 on the default model).")
 
 
 @dataclass
@@ -241,6 +247,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         hint = closest(name, option_names()) if bad.startswith("-") else "options start with --"
         raise TunelabError(f"unknown option '{bad}': {hint}")
     explicit = _explicit_names(argv)
+    _check_eval_counts(generation)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
 
@@ -260,6 +267,13 @@ def _with_generation_preset(generation: GenerationArguments, explicit: frozenset
     """The generation options with --generation_preset's values wherever no flag set them."""
     preset = GENERATION_PRESETS.get(generation.generation_preset or "", {})
     return replace(generation, **{k: v for k, v in preset.items() if k not in explicit})
+
+
+def _check_eval_counts(generation: GenerationArguments) -> None:
+    for name in ("max_generate_samples", "likelihood_topk"):
+        value = getattr(generation, name)
+        if value is not None and value < 1:
+            raise TunelabError(f"--{name} must be an integer >= 1 (got {value})")
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:

@@ -4,6 +4,10 @@ retention.json = {base, tuned, delta} for every metric.
 Base predictions are cached under `<cache>/predictions/<key>.json`, keyed by the base model's files,
 the tokenized data (which covers data, template and prompt prefix) and the decoding settings, so scoring
 many runs against one base costs one base pass.
+
+The base model's likelihood pass (per-sample NLL and top-k log-probs per response position, the base side
+of the KL in tunelab/likelihood.py) is cached the same way under `<cache>/likelihood/<key>.safetensors`,
+keyed by the base model's files, the tokenized data, the precision and k.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def base_cache_path(args: Args, base_path: str, dataset) -> Path:
     from tunelab.setup import decoding_record
 
     key = cache_key(model_fingerprint(base_path), dataset._fingerprint, decoding_record(args),
-                    args.training.bf16, args.training.per_device_eval_batch_size)
+                    args.training.bf16, args.training.per_device_eval_batch_size,
+                    args.generation.max_generate_samples)
     return cache_dir("predictions") / f"{key}.json"
 
 
@@ -50,15 +55,18 @@ def base_metrics(args: Args, base_path: str, dataset, score: Callable) -> dict[s
 
     model, tokenizer, _ = load_base(dataclasses.replace(args.model, model_name_or_path=base_path), [])
     model.eval()
-    metrics, preds = score(model, tokenizer, dataset, args, generate=True)
+    scored = score(model, tokenizer, dataset, args, generate=True, is_base=True)
+    metrics = scored.metrics
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"metrics": metrics, "predictions": preds}, ensure_ascii=False), encoding="utf-8")
+    record = {"metrics": metrics, "predictions": scored.predictions, "indices": scored.indices}
+    tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
     return metrics
 
 
 def retention_table(base: dict[str, float], tuned: dict[str, float]) -> dict[str, dict[str, float]]:
-    keys = [k for k in (*METRIC_KEYS, "loss", "perplexity") if k in base and k in tuned]
+    keys = [k for k in (*METRIC_KEYS, "loss", "perplexity", "nll", "kl")
+            if base.get(k) is not None and tuned.get(k) is not None]
     return {"base": {k: base[k] for k in keys}, "tuned": {k: tuned[k] for k in keys},
             "delta": {k: round(tuned[k] - base[k], 4) for k in keys}}
 
@@ -70,3 +78,29 @@ def write_retention(out: Path, tuned: dict[str, float], args: Args, base_path: s
     table = retention_table(base_metrics(args, base_path, dataset, score), tuned)
     write_json(out / RETENTION_FILE, table)
     return table
+
+
+def base_likelihood_path(args: Args, base_path: str, dataset) -> Path:
+    from tunelab.paths import cache_dir, cache_key
+
+    key = cache_key("likelihood", model_fingerprint(base_path), dataset._fingerprint, args.training.bf16,
+                    args.training.fp16, args.generation.likelihood_topk)
+    return cache_dir("likelihood") / f"{key}.safetensors"
+
+
+def base_likelihood(args: Args, base_path: str, dataset, compute: Callable[[], Any]):
+    """The base model's BaseTopK on `dataset` (tunelab/likelihood.py): read from the cache, or `compute()`d
+    (a collective pass: every rank calls it) and cached by rank 0. Every rank takes the same branch."""
+    from tunelab import distributed
+    from tunelab.likelihood import BaseTopK
+
+    path = base_likelihood_path(args, base_path, dataset)
+    if all(distributed.all_gather(path.is_file())):
+        logger.info("base model log-probs: cache hit %s", path.name)
+        return BaseTopK.load(path)
+    top = compute()
+    if distributed.is_main():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        top.save(tmp, {"base_model": str(base_path), "data": str(dataset._fingerprint)})
+        tmp.replace(path)
+    return top

@@ -122,22 +122,36 @@ class Setup:
     args: Args  # the options given, with the checkpoint's data options inherited (not for "train")
 
 
-def setup_model(args: Args, stage: str, merge: bool = True) -> Setup:
-    """Load the base model, take over the checkpoint's prompt options, apply --checkpoint_dir's checkpoints
-    in order (LoRA merged into the weights when `merge`; see methods.load_checkpoints).
+def setup_base(args: Args, stage: str) -> Setup:
+    """Load the base model and take over the checkpoint's prompt options; the checkpoints are not applied
+    yet (`apply_checkpoints`), so a caller can score the base model on the same data first.
 
     `stage` "train" keeps the command's own data options (a run continuing from checkpoints formats its
     prompts as told, and its checkpoints become part of the base); every other stage (eval, predict, chat,
     export) formats prompts as the checkpoint's run did unless the user sets an option again.
     """
-    from tunelab.methods import load_checkpoints, split_checkpoints
+    from tunelab.methods import split_checkpoints
 
     checkpoints = split_checkpoints(args.model.checkpoint_dir)
     model, tokenizer, base_path = load_base(args.model, checkpoints)
     if stage != "train":
         args = dataclasses.replace(args, data=inherit_from_checkpoint(args, checkpoints))
-    model, method = load_checkpoints(model, checkpoints, merge=merge)
-    return Setup(model, tokenizer, base_path, checkpoints, method, args)
+    return Setup(model, tokenizer, base_path, checkpoints, {"finetuning_type": "none"}, args)
+
+
+def apply_checkpoints(base: Setup, merge: bool = True) -> Setup:
+    """`base` with --checkpoint_dir's checkpoints applied in order (LoRA merged into the weights when `merge`;
+    see methods.load_checkpoints)."""
+    from tunelab.methods import load_checkpoints
+
+    model, method = load_checkpoints(base.model, base.checkpoints, merge=merge)
+    return dataclasses.replace(base, model=model, method=method)
+
+
+def setup_model(args: Args, stage: str, merge: bool = True) -> Setup:
+    """Load the base model, take over the checkpoint's prompt options, apply the checkpoints (setup_base, then
+    apply_checkpoints)."""
+    return apply_checkpoints(setup_base(args, stage), merge=merge)
 
 
 # ---- records of what a run resolved ----
