@@ -134,6 +134,7 @@ def decoding_record(args: Args) -> dict[str, Any]:
 
 def run_eval(args: Args, stage: str) -> dict[str, Any]:
     from tunelab import methods, runinfo
+    from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
     from tunelab.train import load_base, resolve_precision
 
@@ -148,7 +149,8 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     model, meta = methods.load_checkpoints(model, ckpts, merge=True)
     model.to(device).eval()
     generate = stage == "predict" or args.training.predict_with_generate
-    metrics, preds = score(model, tokenizer, dataset, args, generate)
+    with lower_layer_cache(model, meta, args):  # the loss pass reuses cached lower layers; generation runs them all
+        metrics, preds = score(model, tokenizer, dataset, args, generate)
     main = distributed.is_main()
     if main:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
