@@ -11,6 +11,7 @@ import torch
 
 from tunelab import methods
 from tunelab.hparams import TunelabError, parse_args
+from tunelab.paths import cache_dir
 from tunelab.layer_cache import (LayerInputStore, cached_lower_layers, decoder_of, lower_layers_fingerprint,
                                  lowest_trainable_layer, sample_segments)
 from tunelab.trainer import supervised_loss
@@ -40,7 +41,8 @@ def prepared(model_dir, method: str):
     return model, info
 
 
-def new_store(model, k, root="default"):
+def new_store(model, k, root="cache"):
+    root = cache_dir("layer_inputs") if root == "cache" else root  # the test's own TUNELAB_CACHE (conftest)
     return LayerInputStore(lower_layers_fingerprint(decoder_of(model), k), k, root)
 
 

@@ -132,7 +132,10 @@ def lower_layer_cache(model: nn.Module, method: Any, args) -> contextlib.Abstrac
     k = lowest_trainable_layer(model, method)
     if k is None:
         return contextlib.nullcontext()
-    return cached_lower_layers(model, k, LayerInputStore(lower_layers_fingerprint(decoder_of(model), k), k))
+    from tunelab.paths import cache_dir
+
+    store = LayerInputStore(lower_layers_fingerprint(decoder_of(model), k), k, cache_dir("layer_inputs"))
+    return cached_lower_layers(model, k, store)
 
 
 # ---- the store ----
@@ -159,15 +162,12 @@ def sample_key(ids: torch.Tensor) -> str:
 
 
 class LayerInputStore:
-    """Layer-k inputs by sample key: in memory for the run, and on disk (directory None: memory only) under
-    <cache>/layer_inputs/<key of fingerprint, k, precision>/ for every run on the same lower layers.
-    Counts what it computed, reused and read from disk."""
+    """Layer-k inputs by sample key: in memory for the run, and on disk (root None: memory only) under
+    <root>/<hash of fingerprint, k, precision>/ for every run on the same lower layers. Counts the samples
+    it computed, reused (served to a batch) and read from disk."""
 
-    def __init__(self, fingerprint: str, k: int, root: Path | None | str = "default"):
-        from tunelab.paths import cache_dir
-
-        self.fingerprint, self.k = fingerprint, k
-        self.root = cache_dir("layer_inputs") if root == "default" else root
+    def __init__(self, fingerprint: str, k: int, root: Path | None):
+        self.fingerprint, self.k, self.root = fingerprint, k, root
         self.precision: str | None = None
         self.memory: dict[str, torch.Tensor] = {}
         self.new: dict[str, torch.Tensor] = {}
@@ -210,9 +210,7 @@ class LayerInputStore:
             shard = load_file(str(self.on_disk[key]))
             self.read += sum(name not in self.memory for name in shard)
             self.memory.update(shard)
-        value = self.memory.get(key)
-        self.reused += value is not None
-        return value
+        return self.memory.get(key)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         if key in self.memory:
@@ -368,6 +366,7 @@ class _CachedRun:
         states = [self.store.get(key) for key in _keys(ids, segments)]
         if any(s is None for s in states):
             return None
+        self.store.reused += len(states)
         out = torch.zeros(*ids.shape, states[0].shape[-1], dtype=states[0].dtype, device=ids.device)
         for (row, start, length), state in zip(segments, states):
             out[row, start:start + length] = state
