@@ -161,6 +161,7 @@ def write_scored(out: Path, stage: str, scored: Scored, dataset) -> None:
 
 def run_eval(args: Args, stage: str) -> dict[str, Any]:
     from tunelab import runinfo
+    from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
 
     out = runinfo.check_output_dir(args)
@@ -175,7 +176,9 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     loaded = apply_checkpoints(loaded)
     model = loaded.model.to(device).eval()
     generate = stage == "predict" or args.training.predict_with_generate
-    scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints)
+    with lower_layer_cache(model, loaded.method, args):  # the likelihood pass reuses cached lower layers;
+        # generation runs them all
+        scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints)
     metrics = scored.metrics
     main = distributed.is_main()
     if main:

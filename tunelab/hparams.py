@@ -91,6 +91,9 @@ class FinetuningArguments:
     pre_seq_len: int = _opt(16, "P-Tuning v2: number of prefix key/value positions per layer.")
     prefix_projection: bool = _opt(False, "P-Tuning v2: produce the prefix through a 2-layer MLP.")
     plot_loss: bool = _opt(False, "Write training_loss.png (raw and smoothed loss) after training.")
+    cache_lower_layers: bool = _opt(
+        True, "LoRA/Freeze on the last layers only: compute the frozen layers below them once per sample "
+        "(cached on disk, exact) and run only the trained layers each step and in the eval loss pass.")
 
 
 @dataclass

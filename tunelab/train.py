@@ -77,6 +77,7 @@ def run_train(args: Args) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from tunelab import methods, runinfo
+    from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
     from tunelab.setup import setup_model, training_args
     from tunelab.trainer import TunelabTrainer
@@ -103,7 +104,8 @@ def run_train(args: Args) -> dict[str, Any]:
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
-    result = trainer.train(resume_from_checkpoint=resume)
+    with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
+        result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
