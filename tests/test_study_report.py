@@ -338,9 +338,10 @@ def test_a_study_without_likelihood_files_reports_bleu_rouge_verdicts_saying_why
 
 
 def test_likelihood_files_pair_by_index_or_by_line_order(tmp_path):
-    lines = [{"index": 4, "tokens": 3, "nll": 1.5, "kl": None}, {"index": 9, "tokens": 2, "nll": 2.0, "kl": None}]
+    lines = [{"index": 4, "tokens": 3, "nll": 1.5, "kl": None}, {"index": 9, "tokens": 2, "nll": 2.0, "kl": None},
+             {"index": 11, "tokens": 0, "nll": None, "kl": None}]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
-    assert read_likelihood(tmp_path / "a.jsonl") == {"nll": {4: 1.5, 9: 2.0}}  # kl null: no kl at all
+    assert read_likelihood(tmp_path / "a.jsonl") == {"nll": {4: 1.5, 9: 2.0}}  # kl null: no kl; no tokens: no nll
     (tmp_path / "b.jsonl").write_text('{"nll": 1.0, "kl": 0.5}\n{"nll": 3.0, "kl": 0.0}\n')
     assert read_likelihood(tmp_path / "b.jsonl") == {"nll": {0: 1.0, 1: 3.0}, "kl": {0: 0.5, 1: 0.0}}
     # a generated subset pairs on its indices; other references on one index are not the same samples

@@ -234,18 +234,16 @@ def _index(row: dict[str, Any], position: int) -> int:
 
 
 def read_likelihood(path: Path) -> dict[str, Samples]:
-    """{"nll": {index: nll}, "kl": {index: kl}} from a likelihood.jsonl (contract in the README); a
-    measure with any missing value (kl is null without the base log-probs) is left out."""
+    """{"nll": {index: nll}, "kl": {index: kl}} from a likelihood.jsonl (one line per eval sample:
+    index, tokens, nll, kl). A null value (a sample without response tokens; kl without the base
+    model's log-probs) leaves that sample out of that measure; a measure with no value is left out."""
     out: dict[str, Samples] = {"nll": {}, "kl": {}}
-    incomplete: set[str] = set()
     for position, row in enumerate(_jsonl(path)):
-        for measure in out:
+        for measure, samples in out.items():
             value = row.get(measure)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[measure][_index(row, position)] = float(value)
-            else:
-                incomplete.add(measure)
-    return {m: v for m, v in out.items() if v and m not in incomplete}
+                samples[_index(row, position)] = float(value)
+    return {m: v for m, v in out.items() if v}
 
 
 def sample_scores(path: Path) -> dict[int, tuple[str, float]] | None:
@@ -296,9 +294,13 @@ def paired_samples(study_dir: Path, runs: list[RunResult], roles: dict[str, str]
         for run in (r for r in runs if r.status == "done"):
             values, labels = (base_values, base_labels) if run is base else run_samples(study_dir, run, eval_set)
             for column, (role, measure, sign) in PAIRED.items():
-                if sets[role] != eval_set or measure not in values or measure not in base_values:
+                if sets[role] != eval_set or measure not in values:
                     continue
-                diff = paired_difference(values[measure], base_values[measure], sign, labels, base_labels)
+                # KL is already a divergence from the base model: the base's own is 0 where it has none
+                base_m = base_values.get(measure) or (dict.fromkeys(values[measure], 0.0) if measure == "kl" else None)
+                if base_m is None:
+                    continue
+                diff = paired_difference(values[measure], base_m, sign, labels, base_labels)
                 if diff is not None:
                     out.setdefault(column, {})[run.dir] = diff
                     _set_point(run, column, list(diff.values()))
