@@ -44,7 +44,8 @@ def write_predict_files(out: Path, scores: dict[str, float], pairs=(("a", "b"),)
     results = {f"predict_{m}": scores[m] for m in METRICS}
     results.update(predict_loss=1.0, predict_perplexity=2.7, predict_samples=len(pairs), predict_runtime=1.0)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"index": i, "prompt": "q", "predict": p, "label": label}) for i, (p, label) in enumerate(pairs)]
+    lines = [json.dumps({"index": i, "prompt": "q", "predict": p, "label": label})
+             for i, (p, label) in enumerate(pairs)]
     (out / "generated_predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if nll is not None:
         kl = kl if kl is not None else [None] * len(nll)

@@ -189,15 +189,8 @@ def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> Ru
 
 def _read_eval(run: RunResult, stage_dir: Path, name: str, rel: str) -> None:
     results = _read_json(stage_dir / "predict_results.json") or _read_json(stage_dir / "eval_results.json")
-    for metric in METRICS:
-        for prefix in ("predict_", "eval_"):
-            value = results.get(prefix + metric)
-            if isinstance(value, (int, float)):
-                run.values[f"{name}_{metric}"] = float(value)
-                break
-    for key in LIKELIHOOD_KEYS:
-        value = next((results[p + key] for p in ("predict_", "eval_") if isinstance(results.get(p + key), (int, float))),
-                     None)
+    for key in (*METRICS, *LIKELIHOOD_KEYS):
+        value = next((v for p in ("predict_", "eval_") if isinstance(v := results.get(p + key), (int, float))), None)
         if value is not None:
             run.values[f"{name}_{key}"] = float(value)
     if (stage_dir / PREDICTIONS_FILE).is_file():
