@@ -38,13 +38,21 @@ def write_train_files(out: Path, finetuning_type: str = "lora", trainable: int =
     return metrics
 
 
-def write_predict_files(out: Path, scores: dict[str, float], pairs=(("a", "b"),)) -> dict[str, Any]:
-    """predict_results.json with `scores`, and generated_predictions.jsonl of (predict, label) pairs."""
+def write_predict_files(out: Path, scores: dict[str, float], pairs=(("a", "b"),), nll=None, kl=None) -> dict[str, Any]:
+    """predict_results.json with `scores`, and generated_predictions.jsonl of (predict, label) pairs;
+    with `nll` (and `kl`), per-sample lists, likelihood.jsonl in the contract's format too."""
     results = {f"predict_{m}": scores[m] for m in METRICS}
     results.update(predict_loss=1.0, predict_perplexity=2.7, predict_samples=len(pairs), predict_runtime=1.0)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": "q", "predict": p, "label": label}) for p, label in pairs]
+    lines = [json.dumps({"index": i, "prompt": "q", "predict": p, "label": label})
+             for i, (p, label) in enumerate(pairs)]
     (out / "generated_predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if nll is not None:
+        kl = kl if kl is not None else [None] * len(nll)
+        lines = [json.dumps({"index": i, "tokens": 5, "nll": n, "kl": k}) for i, (n, k) in enumerate(zip(nll, kl))]
+        (out / "likelihood.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        results.update(predict_nll=sum(nll) / len(nll), predict_likelihood_samples=len(nll),
+                       predict_generated_samples=len(pairs))
     _write(out / "predict_results.json", results)
     return results
 
@@ -65,7 +73,9 @@ def fake_run(args) -> dict[str, Any]:
     if args.training.do_train:
         return write_train_files(out, args.finetune.finetuning_type)
     base = zlib.crc32(str(out.relative_to(out.parents[2])).encode()) % 1000 / 100  # deterministic per stage
-    return write_predict_files(out, {m: base + i for i, m in enumerate(METRICS)})
+    tuned = args.finetune.finetuning_type != "none"
+    return write_predict_files(out, {m: base + i for i, m in enumerate(METRICS)},
+                               nll=[2.0 + base / 10, 2.5 - base / 10], kl=[base / 10 if tuned else 0.0] * 2)
 
 
 class FailingRun:

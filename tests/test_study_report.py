@@ -1,19 +1,25 @@
 """The study report from fixture run dirs (small JSON files written here): table values, derived
 columns, seeds as mean ± spread with not-significant marking, figures, a self-contained HTML file,
-and the four conclusion checks on crafted numbers (supported / not supported / inconclusive)."""
+and the four conclusion checks on crafted numbers (supported / not supported / inconclusive), on
+point estimates and on per-sample data (margin CIs); per-sample likelihood files (the contract's
+likelihood.jsonl) and reports with and without them."""
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 
+import numpy as np
 import pytest
 from test_study_fakes import METRICS, tiny_plans, write_predict_files, write_train_files
 
+from tunelab.errors import TunelabError
 from tunelab.study import conclusions as C
 from tunelab.study.cli import main as study_main
 from tunelab.study.report import build_report
-from tunelab.study.results import RunResult, Study, aggregate, load_reference, read_study
+from tunelab.study.results import (Paired, RunResult, Study, aggregate, check_measures, load_reference,
+                                   paired_difference, read_likelihood, read_study)
 from tunelab.study.runner import _write_json
 
 
@@ -187,13 +193,58 @@ def test_conclusions_not_supported_when_the_numbers_say_otherwise():
                                                    "c": "not supported", "d": "not supported"}
 
 
-def test_conclusions_are_inconclusive_when_gaps_are_within_the_seed_spread():
-    # freeze-first at -12.5 is 4.0 below the next-lowest group (lora-first, -8.5); a seed spread of 5
-    # makes that gap noise
+def _sample_study(rows, sd: float, n: int = 40, seed: int = 0) -> Study:
+    """_study's rows with per-sample NLL differences: each row's style gain / retention are `n` samples
+    of value + N(0, sd), paired tables built as read_study builds them."""
+    study = _study(rows)
+    rng = np.random.default_rng(seed)
+    for column, col in (("style_gain_nll", 5), ("retention_nll", 6)):
+        table = Paired(column=column, eval_set="persona" if column.startswith("style") else "general",
+                       index=list(range(n)), diffs={0: np.zeros(n)})
+        for r in rows:
+            table.diffs[r[0]] = r[col] / 10 + rng.normal(0.0, sd, n)  # nats: a tenth of the score scale
+            study.row(r[0]).mean[column] = float(table.diffs[r[0]].mean())
+        study.paired[column] = table
+    return study
+
+
+NLL = {"style": "nll", "retention": "nll"}
+
+
+def test_verdicts_follow_the_margin_ci_on_per_sample_data():
+    verdicts = C.check_conclusions(_sample_study(LIKE_2023, sd=0.05), NLL)
+    assert {v.key: v.verdict for v in verdicts} == {"a": "supported", "b": "supported", "c": "supported",
+                                                     "d": "supported"}
+    a = verdicts[0]
+    assert a.lo > 0 and a.lo <= a.margin <= a.hi and f"[{a.lo:+.3f}, {a.hi:+.3f}]" in a.margin_text()
+    assert a.measures == "NLL" and "margin +" in a.figures[-1]
+
+
+def test_a_gap_within_the_sample_noise_is_inconclusive_with_its_ci():
+    # freeze-first at -12.5 (-1.25 nats) is 0.4 nats below the next-lowest group (lora-first, -0.85); per-sample
+    # noise of sd 2 over 40 samples makes that gap noise, sd 0.05 does not
     close = [r[:6] + (-12.5,) if r[0] in (3, 4) else r for r in LIKE_2023]
-    got = C.check_freeze_first(_study(close, seeds_spread=5.0))
-    assert got.verdict == "inconclusive" and "noise" in " ".join(got.figures)
-    assert C.check_freeze_first(_study(close)).verdict == "supported"  # one seed: point estimates decide
+    noisy = C.check_freeze_first(C.measured(_sample_study(close, sd=2.0), NLL))
+    assert noisy.verdict == "inconclusive" and noisy.lo < 0 < noisy.hi and "[" in noisy.margin_text()
+    assert C.check_freeze_first(C.measured(_sample_study(close, sd=0.05), NLL)).verdict == "supported"
+    assert C.check_freeze_first(_study(close)).verdict == "supported"  # no per-sample data: point estimates
+    assert "point estimate, no CI" in C.check_freeze_first(_study(close)).margin_text()
+
+
+def test_verdicts_not_supported_when_the_ci_lies_below_zero():
+    rows = [r[:6] + (-2,) if r[0] in (3, 4) else r for r in LIKE_2023]   # freeze-first keeps knowledge
+    rows = [r[:5] + (3.0, r[6]) if r[0] in (9, 10) else r for r in rows]  # p_tuning learns the most style
+    got = {v.key: v for v in C.check_conclusions(_sample_study(rows, sd=0.05), NLL)}
+    assert got["a"].verdict == "not supported" and got["a"].hi < 0
+    assert got["b"].verdict == "not supported" and "learns little style" in got["b"].figures[1]
+
+
+def test_base_row_against_itself_is_zero_with_a_zero_interval(tmp_path):
+    _sample_files(tmp_path)
+    study = read_study(tmp_path)
+    base = study.row(0)
+    for column in ("style_gain_nll", "retention_nll", "style_kl", "retention_kl"):
+        assert base.mean[column] == 0.0 and base.ci[column] == (0.0, 0.0)
 
 
 def test_conclusions_need_their_rows():
@@ -224,3 +275,101 @@ def test_the_reference_table_ships_with_the_package():
     package_data = pyproject["tool"]["setuptools"].get("package-data", {})
     assert "reference/*.json" in package_data.get("tunelab.study", []), \
         'pyproject.toml needs [tool.setuptools.package-data] "tunelab.study" = ["reference/*.json"]'
+
+
+# ---- per-sample files (likelihood.jsonl, indexed predictions) ----
+
+def _sample_files(study_dir, n: int = 30, decide_on=None):
+    """tiny_plans rows with per-sample NLL / KL on both sets: row r's NLL is the base's minus a known
+    shift plus noise, so style gain (nll) and retention (nll) have known means."""
+    meta = {} if decide_on is None else {"decide_on": decide_on}
+    _, plans = tiny_plans(study_dir)
+    if meta:
+        plan = json.loads((study_dir / "plan.json").read_text())
+        _write_json(study_dir / "plan.json", {**plan, **meta})
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.3, n)
+    shifts = {0: (0.0, 0.0), 1: (0.3, -0.2), 2: (0.1, -0.4), 3: (0.05, 0.0)}  # (style gain, retention)
+    for plan in plans:
+        row_dir = study_dir / plan.dir
+        if plan.train:
+            write_train_files(row_dir / "train", plan.train["finetuning_type"])
+        noise = rng.normal(0.0, 0.05, n) if plan.id else np.zeros(n)
+        for name, shift in zip(("persona", "general"), shifts[plan.id]):
+            write_predict_files(row_dir / name, dict.fromkeys(METRICS, 10 + shift), nll=list(base - shift + noise),
+                                kl=[abs(shift)] * n)
+        _write_json(row_dir / "row.json", {"status": "done"})
+    return plans
+
+
+def test_likelihood_columns_with_intervals_in_the_tables_and_the_csv(tmp_path):
+    _sample_files(tmp_path)
+    study = read_study(tmp_path)
+    r1 = study.row(1)
+    assert r1.mean["style_gain_nll"] == pytest.approx(0.3, abs=0.03)
+    assert r1.mean["retention_nll"] == pytest.approx(-0.2, abs=0.03)
+    assert r1.mean["retention_kl"] == pytest.approx(-0.2) and r1.mean["style_kl"] == pytest.approx(0.3)
+    lo, hi = r1.ci["style_gain_nll"]
+    assert lo < r1.mean["style_gain_nll"] < hi and hi - lo < 0.1
+    assert r1.mean["persona_nll"] == pytest.approx(study.row(0).mean["persona_nll"] - 0.3, abs=0.03)
+    paths = build_report(tmp_path)
+    md = paths["md"].read_text()
+    assert "style gain (nll)" in md and "retention (-kl)" in md and "paired bootstrap" in md
+    line = next(l for l in md.splitlines() if l.startswith("| 1 |"))
+    assert f"{r1.mean['style_gain_nll']:+.3f} [{lo:+.3f}, {hi:+.3f}]" in line
+    assert "verdict (NLL)" in md and "verdict (BLEU/ROUGE)" in md  # decide_on default, the 2023 reading beside
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert float(rows[1]["style_gain_nll_lo"]) == pytest.approx(lo, abs=1e-6)
+    assert rows[0]["retention_nll_hi"] == "0.0" and "retention_kl" in rows[1]
+
+
+def test_decide_on_from_the_plan_chooses_the_verdict_measures(tmp_path):
+    _sample_files(tmp_path, decide_on={"style": "nll", "retention": "kl"})
+    md = build_report(tmp_path)["md"].read_text()
+    assert "verdict (style NLL, retention KL)" in md and "Decided on style NLL, retention KL: paired bootstrap" in md
+
+
+def test_a_study_without_likelihood_files_reports_bleu_rouge_verdicts_saying_why(study_dir):
+    md = build_report(study_dir)["md"].read_text()
+    assert "Verdicts on BLEU/ROUGE only: decide_on style: nll needs style_gain_nll" in md
+    assert "verdict (BLEU/ROUGE)" in md and "verdict (NLL)" not in md and "style gain (nll)" not in md
+    assert study_main([str(study_dir), "--report-only"]) == 0
+
+
+def test_likelihood_files_pair_by_index_or_by_line_order(tmp_path):
+    lines = [{"index": 4, "tokens": 3, "nll": 1.5, "kl": None}, {"index": 9, "tokens": 2, "nll": 2.0, "kl": None},
+             {"index": 11, "tokens": 0, "nll": None, "kl": None}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    assert read_likelihood(tmp_path / "a.jsonl") == {"nll": {4: 1.5, 9: 2.0}}  # kl null: no kl; no tokens: no nll
+    (tmp_path / "b.jsonl").write_text('{"nll": 1.0, "kl": 0.5}\n{"nll": 3.0, "kl": 0.0}\n')
+    assert read_likelihood(tmp_path / "b.jsonl") == {"nll": {0: 1.0, 1: 3.0}, "kl": {0: 0.5, 1: 0.0}}
+    # a generated subset pairs on its indices; other references on one index are not the same samples
+    assert paired_difference({4: 3.0, 9: 1.0}, {0: 0.0, 4: 1.0, 9: 2.0}, 1) == {4: 2.0, 9: -1.0}
+    assert paired_difference({4: 3.0}, {4: 1.0}, -1, {4: "x"}, {4: "y"}) is None
+
+
+def test_bleu_rouge_intervals_pair_the_generated_subset_by_index(tmp_path):
+    pytest.importorskip("jieba")
+    labels = ["the cat sat on the mat", "a quick brown fox", "green eggs and ham", "to be or not to be"]
+    _, plans = tiny_plans(tmp_path)
+    for plan in plans:
+        preds = labels if plan.id == 1 else ["zzz"] * 4
+        pairs = list(zip(preds, labels))
+        if plan.train:
+            write_train_files(tmp_path / plan.dir / "train")
+        for name in ("persona", "general"):
+            write_predict_files(tmp_path / plan.dir / name, dict.fromkeys(METRICS, 10), pairs)
+        _write_json(tmp_path / plan.dir / "row.json", {"status": "done"})
+    study = read_study(tmp_path)
+    assert study.paired["style_gain"].index == [0, 1, 2, 3]
+    lo, hi = study.row(1).ci["style_gain"]
+    assert 0 < lo <= hi and study.row(2).ci["style_gain"] == (0.0, 0.0)
+
+
+def test_a_running_study_refuses_rows_scored_without_the_decide_on_measures(study_dir):
+    dirs = [f"rows/{p.parent.name}" for p in sorted(study_dir.glob("rows/*/row.json"))]
+    roles = {"persona": "style", "general": "retention"}
+    with pytest.raises(TunelabError, match=r"decide_on: style: nll needs per-sample nll .* valid for this "
+                                           r"study dir: bleu_rouge;"):
+        check_measures(study_dir, dirs, roles, {"style": "nll", "retention": "nll"})
+    check_measures(study_dir, dirs, roles, {"style": "bleu_rouge", "retention": "bleu_rouge"})

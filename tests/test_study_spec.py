@@ -148,10 +148,22 @@ def test_shipped_specs_use_registered_data_sets():
     ({"rows": [{"id": 1, "method": "lora"}, {"id": 1, "method": "freeze"}]}, "duplicate ids"),
     ({"rows": [{"id": 1, "method": "lora", "aux": True}], "aux_dataset": None}, "need an 'aux_dataset'"),
     ({"axes": {"method": {"lora": {}}}}, "not both"),
+    ({"decide_on": {"style": "bleu"}}, r"decide_on: style: unknown measure 'bleu': valid: nll, bleu_rouge$"),
+    ({"decide_on": {"style": "kl"}}, "not progress toward the persona"),
+    ({"decide_on": {"retention": "ppl"}}, "valid: nll, kl, bleu_rouge"),
+    ({"decide_on": {"general": "nll"}}, "decide_on: unknown key 'general': valid: style, retention"),
+    ({"decide_on": "nll"}, "decide_on: expected a mapping"),
 ])
 def test_bad_specs_fail_with_the_closest_valid_names(change, message):
     with pytest.raises(TunelabError, match=message):
         parse_spec(tiny_spec_dict(**change))
+
+
+def test_decide_on_defaults_to_the_likelihood_measures_and_fills_a_missing_role():
+    assert parse_spec(tiny_spec_dict()).decide_on == {"style": "nll", "retention": "nll"}
+    assert parse_spec(tiny_spec_dict(decide_on={"retention": "kl"})).decide_on == {"style": "nll", "retention": "kl"}
+    both = {"style": "bleu_rouge", "retention": "bleu_rouge"}
+    assert parse_spec(tiny_spec_dict(decide_on=both)).decide_on == both
 
 
 def test_unknown_scale_names_the_valid_ones():

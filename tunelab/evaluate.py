@@ -30,11 +30,11 @@ from typing import Any
 
 from tunelab import distributed
 from tunelab.hparams import Args
+from tunelab.names import PREDICTIONS_FILE
 from tunelab.setup import apply_checkpoints, autocast, decoding_record, resolve_precision, setup_base
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 def sample_likelihoods(model, dataset, tokenizer, args: Args, base=None, topk: int = 0):
     """(Scores, BaseTopK or None) of every sample in data-set order (tunelab/likelihood.py): each rank scores

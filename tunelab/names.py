@@ -16,7 +16,8 @@ METRIC_KEYS = tuple(METRIC_LABELS)
 PROMPT_OPTIONS = ("template", "source_prefix", "max_source_length", "identity_name", "identity_author")
 
 # ---- files of a run directory (tunelab train / eval / predict)
-PREDICTIONS_FILE = "generated_predictions.jsonl"  # one JSON object per eval sample (predict)
+PREDICTIONS_FILE = "generated_predictions.jsonl"  # one JSON object per generated eval sample (predict)
+LIKELIHOOD_FILE = "likelihood.jsonl"  # one JSON object per eval sample: index, tokens, nll, kl (eval, predict)
 TRAINABLE_FILE = "trainable.json"  # what the method trains (parameter counts, module names)
 TRAINER_STATE_FILE = "trainer_state.json"  # HF Trainer's log history
 

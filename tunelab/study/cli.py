@@ -120,7 +120,8 @@ def main(argv: list[str]) -> int:
     if ns.report_only:
         return _report(Path(ns.spec))
     from tunelab.study import runner
-    from tunelab.study.spec import expand, override_shared, select_rows
+    from tunelab.study.results import check_measures
+    from tunelab.study.spec import eval_roles, expand, override_shared, select_rows
 
     spec, text, scale, study_dir, overrides = load(ns)
     spec = override_shared(spec, overrides) if overrides else spec
@@ -132,6 +133,7 @@ def main(argv: list[str]) -> int:
         print_plan(plans, study_dir, scale)
         return 0
     runner.check_resumable(all_plans, study_dir)  # before plan.json of an earlier study is overwritten
+    check_measures(study_dir, [p.dir for p in all_plans], eval_roles(spec), spec.decide_on)
     runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides), text if Path(ns.spec).is_file() else None)
     try:
         records = runner.run_study(plans, study_dir, executor=executor)
@@ -152,7 +154,7 @@ def _meta(spec, scale: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
 
     return {"name": spec.name, "description": spec.description, "scale": scale,
             "scale_description": (spec.scales.get(scale) or {}).get("description", "") if scale else "",
-            "eval_sets": eval_roles(spec), "set": overrides,
+            "eval_sets": eval_roles(spec), "set": overrides, "decide_on": spec.decide_on,
             "model": spec.shared.get("model_name_or_path") or "default (SmolLM2-135M-Instruct)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -1,26 +1,42 @@
 """The 2023 study's four conclusions as precise tests on a study's rows. Pure.
 
-Each test returns a Verdict: "supported", "not supported" or "inconclusive", the definition it applied
-and the numbers behind it. Quantities (see results.py): style_gain (mean persona score minus base) and
-retention (mean general score minus base; < 0 = knowledge lost), per row, averaged over seeds.
+Each check computes its conclusion's deciding margin (> 0 = the claim holds) from every trained row's
+style gain and retention under one pair of measures, {role: measure} as in the spec's `decide_on`
+(nll, kl, bleu_rouge; results.MEASURE_COLUMNS names the columns). With per-sample data (Study.paired)
+the margin is computed in every bootstrap replicate on the same resampled eval samples (stats.py: one
+resample per eval set shared by all rows, seeds pooled), which gives the margin its own percentile CI:
+    supported      the CI lies above 0
+    not supported  the CI lies below 0
+    inconclusive   the CI contains 0 (the CI is shown)
+Without per-sample data for every row compared (the published 2023 table, older studies) the margin
+is a point estimate and its sign decides; the figures say so.
 
 Method groups: freeze-first, freeze-last, lora-first, lora-last, lora-all, p_tuning (and full), from
 the row labels (method + layers: first*/last*/all). A group's value is the mean over its rows.
-
-Noise: the mean over rows of each row's noise of the quantity compared (Row.noise: the seed spread
-with several seeds, else the standard error over eval samples of the difference from the base row).
-A deciding gap smaller than the noise gives "inconclusive". Without any noise estimate (no predictions
-files, one seed) verdicts rest on point estimates, and the figures say so.
+Margins (computed the same way on the point estimate and inside each replicate):
+    (a) lowest mean retention of the other groups - freeze-first's
+    (b) min(p_tuning retention - highest other group's, lowest other group's style gain - p_tuning's):
+        supported when the CI of that min is above 0 (both parts hold); not supported when either
+        part's own CI is below 0
+    (c) mean over LoRA (no aux, aux) twins of retention(aux) - retention(no aux), minus the largest
+        effect (range of level means) of the weights and of the layers among LoRA rows
+    (d) trade-off score z(style gain) + z(retention), z standardized over the trained rows: the best
+        LoRA qkv last-layers row's score minus the best other row's
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 
-from tunelab.study.results import Row, Study
+import numpy as np
+
+from tunelab.study import stats
+from tunelab.study.results import MEASURE_COLUMNS, Row, Study
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+BLEU_ROUGE = {"style": "bleu_rouge", "retention": "bleu_rouge"}  # the 2023 reading
+DIGITS = {"nll": 3, "kl": 3, "bleu_rouge": 2}                     # nats/token vs scores x100
+NAMES = {"nll": "NLL", "kl": "KL", "bleu_rouge": "BLEU/ROUGE"}
 
 
 @dataclass
@@ -30,6 +46,57 @@ class Verdict:
     verdict: str
     test: str
     figures: list[str] = field(default_factory=list)
+    measures: str = ""            # "style nll, retention nll"
+    margin: float | None = None   # point estimate of the deciding margin (> 0 = claim holds)
+    lo: float | None = None       # its CI; None when decided on point estimates
+    hi: float | None = None
+    digits: int = 2
+
+    def margin_text(self) -> str:
+        return "-" if self.margin is None else ci_text(self.margin, self.lo, self.hi, self.digits)
+
+
+def ci_text(point: float, lo: float | None, hi: float | None, digits: int = 2) -> str:
+    """'+0.123 [+0.010, +0.250]', or '+0.12 (point estimate, no CI)'."""
+    text = f"{point:+.{digits}f}"
+    if lo is None or hi is None:
+        return text + " (point estimate, no CI)"
+    return text + f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+@dataclass
+class Measured:
+    """Every trained row's style gain and retention under one pair of measures, as replicate arrays
+    (stats.py layout: [point, replicate 1..B], or [point] alone without per-sample data)."""
+
+    rows: list[Row]
+    style: dict[int, np.ndarray]
+    retention: dict[int, np.ndarray]
+    measures: dict[str, str]
+    bootstrapped: bool
+
+    @property
+    def label(self) -> str:
+        style, retention = (NAMES[self.measures[role]] for role in ("style", "retention"))
+        return style if style == retention else f"style {style}, retention {retention}"
+
+    def digits(self, role: str) -> int:
+        return DIGITS.get(self.measures[role], 2)
+
+
+def measured(study: Study, measures: dict[str, str] | None = None) -> Measured:
+    """The values the checks compare; bootstrapped only when every compared row has per-sample data
+    for both columns (otherwise the whole comparison rests on point estimates)."""
+    measures = {**BLEU_ROUGE, **(measures or {})}
+    columns = {role: MEASURE_COLUMNS[(role, measures[role])] for role in ("style", "retention")}
+    rows = [r for r in study.rows if r.id != 0 and all(c in r.mean for c in columns.values())]
+    tables = {role: study.paired.get(column) for role, column in columns.items()}
+    boot = bool(rows) and all(t is not None and all(r.id in t.diffs for r in rows) for t in tables.values())
+    values = {}
+    for role, column in columns.items():
+        reps = tables[role].replicates() if boot else {r.id: stats.point_only(r.mean[column]) for r in rows}
+        values[role] = {r.id: reps[r.id] for r in rows}
+    return Measured(rows, values["style"], values["retention"], measures, boot)
 
 
 def group_of(labels: dict) -> str | None:
@@ -46,122 +113,112 @@ def group_of(labels: dict) -> str | None:
     return str(method)
 
 
-def trained_rows(study: Study) -> list[Row]:
-    """Finished trained rows that have both derived quantities."""
-    return [r for r in study.rows if r.id != 0 and "style_gain" in r.mean and "retention" in r.mean]
+# ---- replicate arithmetic (each value is (1 + B,) or (1,); numpy broadcasts between them) ----
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.stack(np.broadcast_arrays(*arrays))
 
 
-def group_means(rows: list[Row], column: str) -> dict[str, float]:
-    groups: dict[str, list[float]] = {}
+def group_values(rows: list[Row], values: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Method group -> mean over its rows."""
+    groups: dict[str, list[np.ndarray]] = {}
     for row in rows:
         group = group_of(row.labels)
-        if group is not None and column in row.mean:
-            groups.setdefault(group, []).append(row.mean[column])
-    return {g: statistics.fmean(v) for g, v in groups.items()}
+        if group is not None and row.id in values:
+            groups.setdefault(group, []).append(values[row.id])
+    return {g: _stack(v).mean(axis=0) for g, v in groups.items()}
 
 
-def noise(rows: list[Row], column: str) -> float | None:
-    values = [n for r in rows if (n := r.noise(column)) is not None]
-    return statistics.fmean(values) if values else None
+def _extreme(target: str, values: dict[str, np.ndarray], highest: bool) -> np.ndarray:
+    """Margin by which `target` is the highest (lowest) group: > 0 when it is."""
+    others = _stack([v for g, v in values.items() if g != target])
+    return values[target] - others.max(axis=0) if highest else others.min(axis=0) - values[target]
 
 
-def _decide(margin: float, tol: float | None) -> str:
-    """margin > 0 means the claim holds; within the noise it is inconclusive."""
-    tol = tol or 0.0
-    if margin > tol:
-        return SUPPORTED
-    if margin < -tol:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
+def _rule(point: float, lo: float | None, hi: float | None) -> str:
+    if lo is None or hi is None:
+        return SUPPORTED if point > 0 else NOT_SUPPORTED if point < 0 else INCONCLUSIVE
+    return SUPPORTED if lo > 0 else NOT_SUPPORTED if hi < 0 else INCONCLUSIVE
 
 
-def _noise_note(*noises: tuple[str, float | None]) -> str:
-    known = [f"{name} {tol:.2f}" for name, tol in noises if tol is not None]
-    if known:
-        return "noise: " + ", ".join(known)
-    return "no noise estimate (one seed, no predictions): verdict on point estimates"
+def _decide(v: Verdict, margin: np.ndarray, digits: int) -> None:
+    """Set the verdict, the margin and its CI from the margin's replicates."""
+    v.margin, v.lo, v.hi = stats.interval(margin)
+    v.digits = digits
+    v.verdict = _rule(v.margin, v.lo, v.hi)
+    v.figures.append(f"margin {v.margin_text()}")
 
 
-def _fmt_groups(values: dict[str, float]) -> str:
-    return ", ".join(f"{g} {v:+.2f}" for g, v in sorted(values.items(), key=lambda kv: kv[1]))
+def _fmt_groups(values: dict[str, np.ndarray], digits: int) -> str:
+    points = {g: float(v[0]) for g, v in values.items()}
+    return ", ".join(f"{g} {p:+.{digits}f}" for g, p in sorted(points.items(), key=lambda kv: kv[1]))
 
 
-def _extreme(target: str, values: dict[str, float], highest: bool, tol: float | None) -> tuple[str, float]:
-    """Is `target` the highest (lowest) group? Verdict and margin over the best other group."""
-    others = [v for g, v in values.items() if g != target]
-    best_other = max(others) if highest else min(others)
-    margin = values[target] - best_other if highest else best_other - values[target]
-    return _decide(margin, tol), margin
+def _start(key: str, claim: str, test: str, m: Measured) -> Verdict:
+    return Verdict(key, claim, INCONCLUSIVE, test, measures=m.label)
 
 
-def check_freeze_first(study: Study) -> Verdict:
-    # (a) Supported when the freeze-first group has the lowest mean retention of all method groups by more
-    # than the noise; not supported when another group is lower by more than the noise.
-    v = Verdict("a", "Freeze on the first layers damages general scores most", INCONCLUSIVE,
-                "mean retention of the freeze-first rows is the lowest of all method groups")
-    rows = trained_rows(study)
-    values, tol = group_means(rows, "retention"), noise(rows, "retention")
+# ---- the four checks ----
+
+def check_freeze_first(study: Study | Measured) -> Verdict:
+    m = study if isinstance(study, Measured) else measured(study)
+    v = _start("a", "Freeze on the first layers damages general scores most",
+               "margin = lowest mean retention of the other method groups - freeze-first's", m)
+    values = group_values(m.rows, m.retention)
     if "freeze-first" not in values or len(values) < 2:
         v.figures.append("needs freeze-first rows and another method group")
         return v
-    v.verdict, margin = _extreme("freeze-first", values, highest=False, tol=tol)
-    v.figures += [f"retention by group: {_fmt_groups(values)}",
-                  f"freeze-first vs the next-lowest group: {margin:+.2f}", _noise_note(("retention", tol))]
+    v.figures.append(f"retention by group: {_fmt_groups(values, m.digits('retention'))}")
+    _decide(v, _extreme("freeze-first", values, highest=False), m.digits("retention"))
     return v
 
 
-def check_p_tuning(study: Study) -> Verdict:
-    # (b) Two parts, both needed: the p_tuning group has the highest mean retention of all groups (keeps
-    # knowledge) and the lowest mean style gain (learns little style). Either part failing by more than
-    # the noise -> not supported; both holding by more than the noise -> supported.
-    v = Verdict("b", "P-Tuning keeps knowledge but learns little style", INCONCLUSIVE,
-                "the p_tuning group has the highest mean retention and the lowest mean style gain of all groups")
-    rows = trained_rows(study)
-    ret, gain = group_means(rows, "retention"), group_means(rows, "style_gain")
+def check_p_tuning(study: Study | Measured) -> Verdict:
+    m = study if isinstance(study, Measured) else measured(study)
+    v = _start("b", "P-Tuning keeps knowledge but learns little style",
+               "margin = min(p_tuning retention - highest other group's, lowest other group's style gain - "
+               "p_tuning's); not supported when either part is below 0", m)
+    ret, gain = group_values(m.rows, m.retention), group_values(m.rows, m.style)
     if "p_tuning" not in ret or len(ret) < 2:
         v.figures.append("needs p_tuning rows and another method group")
         return v
-    tol_r, tol_s = noise(rows, "retention"), noise(rows, "style_gain")
-    keeps, m_keep = _extreme("p_tuning", ret, highest=True, tol=tol_r)
-    little, m_little = _extreme("p_tuning", gain, highest=False, tol=tol_s)
-    parts = {keeps, little}
-    v.verdict = NOT_SUPPORTED if NOT_SUPPORTED in parts else SUPPORTED if parts == {SUPPORTED} else INCONCLUSIVE
-    v.figures += [f"retention by group: {_fmt_groups(ret)} (p_tuning margin {m_keep:+.2f}: {keeps})",
-                  f"style gain by group: {_fmt_groups(gain)} (p_tuning margin {m_little:+.2f}: {little})",
-                  _noise_note(("retention", tol_r), ("style gain", tol_s))]
+    keep, little = _extreme("p_tuning", ret, highest=True), _extreme("p_tuning", gain, highest=False)
+    parts = []
+    for name, part, role, values in (("keeps knowledge", keep, "retention", ret),
+                                     ("learns little style", little, "style", gain)):
+        point, lo, hi = stats.interval(part)
+        parts.append(_rule(point, lo, hi))
+        v.figures.append(f"{'retention' if role == 'retention' else 'style gain'} by group: "
+                         f"{_fmt_groups(values, m.digits(role))} (p_tuning {name}: "
+                         f"{ci_text(point, lo, hi, m.digits(role))}: {parts[-1]})")
+    digits = max(m.digits("style"), m.digits("retention"))
+    _decide(v, np.minimum(*np.broadcast_arrays(keep, little)), digits)
+    if NOT_SUPPORTED in parts:
+        v.verdict = NOT_SUPPORTED
     return v
 
 
-def check_aux_decides_lora(study: Study) -> Verdict:
-    # (c) Among LoRA rows, pair each row without aux with its twin with aux (same other labels).
-    # aux effect = mean over pairs of retention(aux) - retention(no aux). A factor's effect = the range
-    # (max - min) of mean retention over its levels (weights: mlp/qkv; layers: first/last/all).
-    # Supported when every pair gains retention with aux and the aux effect exceeds every other factor's
-    # effect by more than the noise; not supported when the aux effect is <= 0 or falls below another
-    # factor's effect by more than the noise.
-    v = Verdict("c", "The auxiliary set decides LoRA's retention", INCONCLUSIVE,
-                "retention(aux) - retention(no aux) is > 0 in every LoRA pair, and its mean exceeds the effect "
-                "(range of level means) of the weights and of the layers")
-    lora = [r for r in trained_rows(study) if r.labels.get("method") == "lora"]
+def check_aux_decides_lora(study: Study | Measured) -> Verdict:
+    m = study if isinstance(study, Measured) else measured(study)
+    v = _start("c", "The auxiliary set decides LoRA's retention",
+               "margin = mean retention(aux) - retention(no aux) over LoRA twins, minus the largest effect "
+               "(range of level means) of the weights and of the layers", m)
+    lora = [r for r in m.rows if r.labels.get("method") == "lora"]
     pairs = _aux_pairs(lora)
     if not pairs:
         v.figures.append("needs LoRA rows with and without aux")
         return v
-    effects = [a.mean["retention"] - b.mean["retention"] for b, a in pairs]
-    aux_effect = statistics.fmean(effects)
-    others = {label: _factor_range(lora, label) for label in ("weights", "layers")}
-    max_other = max([x for x in others.values() if x is not None], default=0.0)
-    tol = noise(lora, "retention")
-    if aux_effect <= 0:
-        v.verdict = NOT_SUPPORTED
-    else:
-        v.verdict = _decide(aux_effect - max_other, tol)
-        if v.verdict == SUPPORTED and min(effects) <= 0:
-            v.verdict = INCONCLUSIVE
-    per_pair = ", ".join(f"r{b.id}->r{a.id} {e:+.2f}" for (b, a), e in zip(pairs, effects))
+    digits = m.digits("retention")
+    effects = [m.retention[a.id] - m.retention[b.id] for b, a in pairs]
+    aux_effect = _stack(effects).mean(axis=0)
+    others = {label: _factor_range(lora, m.retention, label) for label in ("weights", "layers")}
+    known = [x for x in others.values() if x is not None]
+    max_other = _stack(known).max(axis=0) if known else np.zeros(1)
+    per_pair = ", ".join(f"r{b.id}->r{a.id} {float(e[0]):+.{digits}f}" for (b, a), e in zip(pairs, effects))
     v.figures += [f"aux effect per pair: {per_pair}",
-                  f"mean aux effect {aux_effect:+.2f}; effect of weights {_fmt_opt(others['weights'])}, "
-                  f"of layers {_fmt_opt(others['layers'])}", _noise_note(("retention", tol))]
+                  f"mean aux effect {float(aux_effect[0]):+.{digits}f}; effect of weights "
+                  f"{_fmt_opt(others['weights'], digits)}, of layers {_fmt_opt(others['layers'], digits)}"]
+    _decide(v, aux_effect - max_other, digits)
     return v
 
 
@@ -173,72 +230,94 @@ def _aux_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     return [(r, with_aux[key(r)]) for r in rows if not r.labels.get("aux") and key(r) in with_aux]
 
 
-def _factor_range(rows: list[Row], label: str) -> float | None:
-    levels: dict[str, list[float]] = {}
+def _factor_range(rows: list[Row], values: dict[int, np.ndarray], label: str) -> np.ndarray | None:
+    levels: dict[str, list[np.ndarray]] = {}
     for r in rows:
-        levels.setdefault(str(r.labels.get(label)), []).append(r.mean["retention"])
-    means = [statistics.fmean(v) for v in levels.values()]
-    return max(means) - min(means) if len(means) >= 2 else None
+        levels.setdefault(str(r.labels.get(label)), []).append(values[r.id])
+    if len(levels) < 2:
+        return None
+    means = _stack([_stack(v).mean(axis=0) for v in levels.values()])
+    return means.max(axis=0) - means.min(axis=0)
 
 
-def _fmt_opt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _fmt_opt(x: np.ndarray | None, digits: int) -> str:
+    return "n/a" if x is None else f"{float(x[0]):.{digits}f}"
 
 
-def check_qkv_last3(study: Study) -> Verdict:
-    # (d) Trade-off score per trained row = z(style_gain) + z(retention), z standardized over the trained
-    # rows (population std), so both axes weigh the same whatever their scales. Supported when the best
-    # LoRA qkv last-layers row scores above every other row by more than the noise (in z units: noise of
-    # each quantity divided by its std, summed); not supported when another row is above it by more.
-    v = Verdict("d", "Last-3-layer QKV (LoRA) is the best trade-off", INCONCLUSIVE,
-                "the best LoRA qkv last-layers row has the highest z(style gain) + z(retention) of all trained rows")
-    rows = trained_rows(study)
-    cands = [r for r in rows if group_of(r.labels) == "lora-last" and r.labels.get("weights") == "qkv"]
-    if not cands or len(rows) < 2:
+def check_qkv_last3(study: Study | Measured) -> Verdict:
+    m = study if isinstance(study, Measured) else measured(study)
+    v = _start("d", "Last-3-layer QKV (LoRA) is the best trade-off",
+               "margin = z(style gain) + z(retention) of the best LoRA qkv last-layers row minus the best "
+               "other trained row's (z over the trained rows)", m)
+    rows = m.rows
+    cands = [i for i, r in enumerate(rows) if group_of(r.labels) == "lora-last" and r.labels.get("weights") == "qkv"]
+    others = [i for i in range(len(rows)) if i not in cands]
+    if not cands or not others:
         v.figures.append("needs LoRA qkv last-layers rows and other trained rows")
         return v
-    score, sds = _tradeoff(rows)
-    ranked = sorted(rows, key=lambda r: -score[r.id])
-    best_c = max(cands, key=lambda r: score[r.id])
-    best_o = max((r for r in rows if r not in cands), key=lambda r: score[r.id], default=None)
-    tol_s, tol_r = noise(rows, "style_gain"), noise(rows, "retention")
-    tol = None if tol_s is None or tol_r is None else tol_s / sds[0] + tol_r / sds[1]
-    margin = score[best_c.id] - (score[best_o.id] if best_o else float("-inf"))
-    v.verdict = _decide(margin, tol)
-    front = pareto_front(rows)
-    v.figures += ["top rows by trade-off: " + ", ".join(f"r{r.id} {score[r.id]:+.2f}" for r in ranked[:4]),
-                  f"best qkv last-layers row r{best_c.id}: rank {ranked.index(best_c) + 1} of {len(rows)}, "
-                  f"style gain {best_c.mean['style_gain']:+.2f}, retention {best_c.mean['retention']:+.2f}, "
-                  f"{'on' if best_c.id in front else 'off'} the Pareto front "
-                  f"(front: {', '.join(f'r{i}' for i in sorted(front))})",
-                  f"margin over the best other row: {margin:+.2f} z", _noise_note(("trade-off z", tol))]
+    score = _tradeoff(rows, m)
+    point = {r.id: float(score[i, 0]) for i, r in enumerate(rows)}
+    ranked = sorted(rows, key=lambda r: -point[r.id])
+    best = max((rows[i] for i in cands), key=lambda r: point[r.id])
+    front = pareto_front({r.id: (float(m.style[r.id][0]), float(m.retention[r.id][0])) for r in rows})
+    v.figures += ["top rows by trade-off: " + ", ".join(f"r{r.id} {point[r.id]:+.2f}" for r in ranked[:4]),
+                  f"best qkv last-layers row r{best.id}: rank {ranked.index(best) + 1} of {len(rows)}, "
+                  f"style gain {float(m.style[best.id][0]):+.{m.digits('style')}f}, "
+                  f"retention {float(m.retention[best.id][0]):+.{m.digits('retention')}f}, "
+                  f"{'on' if best.id in front else 'off'} the Pareto front "
+                  f"(front: {', '.join(f'r{i}' for i in sorted(front))}); margin in z units"]
+    _decide(v, score[cands].max(axis=0) - score[others].max(axis=0), 2)
     return v
 
 
-def _tradeoff(rows: list[Row]) -> tuple[dict[int, float], tuple[float, float]]:
-    score = {r.id: 0.0 for r in rows}
-    sds = []
-    for column in ("style_gain", "retention"):
-        values = [r.mean[column] for r in rows]
-        mu, sd = statistics.fmean(values), statistics.pstdev(values) or 1.0
-        sds.append(sd)
-        for r in rows:
-            score[r.id] += (r.mean[column] - mu) / sd
-    return score, (sds[0], sds[1])
+def _tradeoff(rows: list[Row], m: Measured) -> np.ndarray:
+    """(rows, replicates) z(style gain) + z(retention), standardized over the rows in each replicate."""
+    score = 0.0
+    for values in (m.style, m.retention):
+        x = _stack([values[r.id] for r in rows])
+        sd = x.std(axis=0)
+        score = score + (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return np.asarray(score)
 
 
-def pareto_front(rows: list[Row]) -> set[int]:
+def pareto_front(points: dict[int, tuple[float, float]]) -> set[int]:
     """Ids of rows no other row beats on both style gain and retention (>= on both, > on one)."""
-    def dominates(a: Row, b: Row) -> bool:
-        ge = all(a.mean[c] >= b.mean[c] for c in ("style_gain", "retention"))
-        return ge and any(a.mean[c] > b.mean[c] for c in ("style_gain", "retention"))
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] >= b[0] and a[1] >= b[1] and a != b
 
-    return {r.id for r in rows if not any(dominates(o, r) for o in rows if o is not r)}
+    return {i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)}
 
 
 CHECKS = (check_freeze_first, check_p_tuning, check_aux_decides_lora, check_qkv_last3)
 
 
-def check_conclusions(study: Study) -> list[Verdict]:
-    """The four verdicts, in the 2023 order (a)-(d)."""
-    return [check(study) for check in CHECKS]
+def check_conclusions(study: Study, measures: dict[str, str] | None = None) -> list[Verdict]:
+    """The four verdicts, in the 2023 order (a)-(d), decided on `measures` ({role: measure}; default
+    the 2023 reading, BLEU/ROUGE)."""
+    m = measured(study, measures)
+    return [check(m) for check in CHECKS]
+
+
+def method_note(study: Study, measures: dict[str, str] | None = None) -> str:
+    """How the verdicts on `measures` were reached, for the report."""
+    m = measured(study, measures)
+    if m.bootstrapped:
+        n = {role: len(study.paired[MEASURE_COLUMNS[(role, m.measures[role])]].index) for role in m.measures}
+        return (f"Decided on {m.label}: {stats.METHOD}; {n['style']} style and {n['retention']} retention "
+                f"samples. Supported when the margin's CI lies above 0, not supported when below 0, "
+                f"else inconclusive.")
+    return (f"Decided on {m.label}: point estimates (no per-sample data for every row compared): the "
+            f"margin's sign decides, without a CI.")
+
+
+def missing_measures(study: Study, measures: dict[str, str]) -> str | None:
+    """Why the study cannot be decided on `measures` (no trained row has their columns), else None."""
+    trained = [r for r in study.rows if r.id != 0 and r.status == "done"]
+    for role, measure in measures.items():
+        column = MEASURE_COLUMNS[(role, measure)]
+        if trained and not any(column in r.mean for r in trained):
+            source = "generated_predictions.jsonl" if measure == "bleu_rouge" else "likelihood.jsonl"
+            why = (" (kl needs the base model's log-probs)" if measure == "kl" else
+                   " (rows made by a tunelab before per-sample likelihood)" if measure == "nll" else "")
+            return f"decide_on {role}: {measure} needs {column} from each row's {source}, and no row has it{why}"
+    return None

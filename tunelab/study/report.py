@@ -19,31 +19,47 @@ from typing import Any
 
 from tunelab.names import METRIC_LABELS
 from tunelab.study import figures
-from tunelab.study.conclusions import Verdict, check_conclusions
+from tunelab.study.conclusions import BLEU_ROUGE, DIGITS, Verdict, check_conclusions, method_note, missing_measures
 from tunelab.study.results import METRICS, REFERENCE_LABEL, Row, Study, load_reference, read_study
+from tunelab.study.spec import DEFAULT_DECIDE_ON
 
 Cell = str | list[tuple[str, str]]  # text, or links as (text, relative href)
 SHORT = METRIC_LABELS
-SPREAD_NOTE = ("Values are means over seeds; ± on scores is the sample standard deviation over seeds. On style gain "
-               "and retention, ± is their noise: that standard deviation with several seeds, or with one seed the "
-               "standard error over eval samples of the per-sample difference from the base row. A style gain or "
-               "retention within its ± is marked (n.s.): not significant (a lenient one-noise-unit screen, "
-               "not a test).")
+SPREAD_NOTE = ("Values are means over seeds; ± is the sample standard deviation over seeds. On style gain and "
+               "retention, [lo, hi] is the 95% paired-bootstrap interval over eval samples (seeds pooled) when the "
+               "rows have per-sample predictions; without one, ± is their noise: that standard deviation with "
+               "several seeds, or with one seed the standard error over eval samples of the per-sample difference "
+               "from the base row. (n.s.) marks a difference whose interval contains 0 (without an interval: one "
+               "within its ±, a lenient one-noise-unit screen, not a test).")
 DERIVED_NOTE = ("style gain = mean of the 4 persona scores minus the base row's; retention = mean of the 4 general "
                 "scores minus the base row's (negative = knowledge lost). Scores are BLEU-4 and ROUGE-1/2/L x100.")
+# per-sample columns (results.py): header, digits
+SAMPLE_COLUMNS = {"style_gain_nll": "style gain (nll)", "retention_nll": "retention (nll)",
+                  "retention_kl": "retention (-kl)", "style_kl": "style drift (kl)"}
+SAMPLE_NOTE = ("Per-sample columns, each the mean over eval samples of a paired difference from the base row on the "
+               "same sample: style gain (nll) = base NLL - row NLL of the persona references (nats/token, > 0 = the "
+               "persona's replies became more likely); retention (nll) = the same on the general references (< 0 = "
+               "knowledge lost); retention (-kl) = -KL(base || row) over the general reference tokens (label-free "
+               "forgetting); style drift (kl) = KL(base || row) on the persona set (how far the model moved, not "
+               "whether toward the persona). [lo, hi] is the 95% paired-bootstrap interval over eval samples "
+               "(seeds pooled); a difference whose interval contains 0 is marked (n.s.).")
 
 
 def _num(row: Row, column: str, digits: int = 2, signed: bool = False, ns: bool = False) -> str:
-    """mean, ± its seed spread (or, for differences from base, its noise), (n.s.) when within it."""
+    """mean, [its bootstrap CI] when known, ± its seed spread (or, for a difference from base without a
+    CI, its noise); (n.s.) when the CI contains 0 (without a CI: when the mean is within its noise)."""
     if column not in row.mean:
         return "-"
     if ns and row.id == 0:
         return "(base)"
     text = f"{row.mean[column]:{'+' if signed else ''}.{digits}f}"
-    spread = row.noise(column) if ns else row.spread.get(column)
+    ci = row.ci.get(column) if ns else None
+    if ci is not None:
+        text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    spread = row.spread.get(column) if ci is not None or not ns else row.noise(column)
     if spread is not None:
         text += f" ± {spread:.{digits}f}"
-    if ns and row.not_significant(column):
+    if ns and (ci[0] <= 0 <= ci[1] if ci is not None else row.not_significant(column)):
         text += " (n.s.)"
     return text
 
@@ -65,8 +81,10 @@ def _score_header(study: Study) -> list[str]:
 
 def results_table(study: Study) -> tuple[list[str], list[list[Cell]]]:
     """The seed's layout plus derived columns, status and prediction links."""
+    sample = [c for c in SAMPLE_COLUMNS if any(c in row.mean for row in study.rows)]
     header = ["id", "method", "weights", "layers", "aux", "trainable params", "train loss", "runtime (s)",
-              *_score_header(study), "style gain", "retention", "status", "predictions"]
+              *_score_header(study), "style gain", "retention", *[SAMPLE_COLUMNS[c] for c in sample],
+              "status", "predictions"]
     body = []
     for row in study.rows:
         links = [(name, path) for name, path in row.runs[0].predictions.items()] if row.runs else []
@@ -74,8 +92,15 @@ def results_table(study: Study) -> tuple[list[str], list[list[Cell]]]:
                      _num(row, "train_runtime", 1),
                      *[_num(row, f"{s}_{m}") for s in study.eval_sets for m in METRICS],
                      _num(row, "style_gain", signed=True, ns=True), _num(row, "retention", signed=True, ns=True),
+                     *[_num(row, c, DIGITS["nll"], signed=True, ns=True) for c in sample],
                      row.status, links])
     return header, body
+
+
+def results_note(study: Study) -> str:
+    """What the results table's columns mean; the per-sample note only when the table has those columns."""
+    sample = any(c in row.mean for c in SAMPLE_COLUMNS for row in study.rows)
+    return " ".join([DERIVED_NOTE, SPREAD_NOTE] + ([SAMPLE_NOTE] if sample else []))
 
 
 def reference_table(reference: Study) -> tuple[list[str], list[list[Cell]]]:
@@ -85,9 +110,40 @@ def reference_table(reference: Study) -> tuple[list[str], list[list[Cell]]]:
     return header, body
 
 
-def verdict_table(verdicts: list[Verdict]) -> tuple[list[str], list[list[Cell]]]:
-    return ["", "2023 conclusion", "verdict", "test", "figures"], [
-        [f"({v.key})", v.claim, v.verdict, v.test, "; ".join(v.figures)] for v in verdicts]
+def verdict_table(verdicts: list[Verdict], beside: list[Verdict] | None = None) -> tuple[list[str], list[list[Cell]]]:
+    """Verdict, deciding margin and its CI per conclusion; `beside`: the same checks on other measures
+    (the BLEU/ROUGE reading), in two more columns."""
+    label = verdicts[0].measures if verdicts else ""
+    header = ["", "2023 conclusion", f"verdict ({label})", "margin [95% CI]"]
+    if beside:
+        header += [f"verdict ({beside[0].measures})", "margin [95% CI]"]
+    header += ["test", "figures"]
+    body: list[list[Cell]] = []
+    for i, v in enumerate(verdicts):
+        cells: list[Cell] = [f"({v.key})", v.claim, v.verdict, v.margin_text()]
+        figures = "; ".join(v.figures)
+        if beside:
+            cells += [beside[i].verdict, beside[i].margin_text()]
+            figures += f"; on {beside[i].measures}: " + "; ".join(beside[i].figures)
+        body.append([*cells, v.test, figures])
+    return header, body
+
+
+def verdict_blocks(study: Study) -> list[tuple[str, str, Any]]:
+    """The verdict table on the spec's decide_on measures with the BLEU/ROUGE verdicts beside them, and
+    how they were reached; BLEU/ROUGE alone (saying why) when the study lacks the decide_on measures."""
+    decide_on = {**DEFAULT_DECIDE_ON, **(study.meta.get("decide_on") or {})}
+    title = "Conclusions of the 2023 study, checked on this study"
+    bleu = check_conclusions(study, BLEU_ROUGE)
+    if decide_on == BLEU_ROUGE:
+        return [("table", title, verdict_table(bleu)), ("note", "", method_note(study, BLEU_ROUGE))]
+    missing = missing_measures(study, decide_on)
+    if missing:
+        return [("table", title, verdict_table(bleu)),
+                ("note", "", f"Verdicts on BLEU/ROUGE only: {missing}. " + method_note(study, BLEU_ROUGE))]
+    return [("table", title, verdict_table(check_conclusions(study, decide_on), bleu)),
+            ("note", "", method_note(study, decide_on) + " Beside them, the 2023 reading: "
+             + method_note(study, BLEU_ROUGE))]
 
 
 # ---- rendering ----
@@ -135,14 +191,13 @@ def _sections(study: Study, reference: Study | None, ref_meta: dict[str, Any]) -
              f"{counts['failed']} failed, {len(study.rows) - sum(counts.values())} not finished. "
              f"Model: {study.meta.get('model', '-')}. Written {time.strftime('%Y-%m-%d %H:%M')}. {scale}")
     blocks: list[tuple[str, str, Any]] = [("text", "", intro), ("table", "Results", results_table(study)),
-                                          ("note", "", DERIVED_NOTE + " " + SPREAD_NOTE)]
+                                          ("note", "", results_note(study))]
     blocks.append(("figure", "Training loss", "loss_curves"))
     blocks.append(("figure", "Style learned vs knowledge kept", "style_vs_retention"))
-    blocks.append(("table", "Conclusions of the 2023 study, checked on this study",
-                   verdict_table(check_conclusions(study))))
+    blocks += verdict_blocks(study)
     if reference is not None:
-        blocks.append(("table", "Calibration: the same checks on the published 2023 numbers",
-                       verdict_table(check_conclusions(reference))))
+        blocks.append(("table", "Calibration: the same checks on the published 2023 numbers (BLEU/ROUGE only, "
+                       "no per-sample data: point estimates)", verdict_table(check_conclusions(reference))))
         blocks.append(("table", f"Published 2023 results: {REFERENCE_LABEL}", reference_table(reference)))
         keys = ("source", "model", "train", "eval")
         facts = ". ".join(f"{k.capitalize()}: {ref_meta[k]}" for k in keys if k in ref_meta)
@@ -193,17 +248,20 @@ def render_html(blocks: list[tuple[str, str, Any]], study: Study, images: dict[s
 
 def write_csv(path: Path, study: Study) -> None:
     """One line per (row, seed): labels, status, every column (derived included), prediction paths."""
-    runs = [run for row in study.rows for run in row.runs]
-    columns = sorted({c for run in runs for c in run.values})
+    runs = [(row, run) for row in study.rows for run in row.runs]
+    columns = sorted({c for _, run in runs for c in run.values})
+    intervals = sorted({c for row in study.rows for c in row.ci})  # a row's CI (seeds pooled), on each seed's line
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "name", "seed", "method", "weights", "layers", "aux", "status", *columns,
+                         *[f"{c}_{end}" for c in intervals for end in ("lo", "hi")],
                          *[f"{s}_predictions" for s in study.eval_sets], "dir"])
-        for run in runs:
+        for row, run in runs:
             labels = [run.labels.get(k, "") for k in ("method", "weights", "layers", "aux")]
+            ci = [("" if c not in row.ci else round(row.ci[c][end], 6)) for c in intervals for end in (0, 1)]
             writer.writerow([run.id, run.name, run.seed, *labels, run.status,
                              *[("" if c not in run.values else round(run.values[c], 6)) for c in columns],
-                             *[run.predictions.get(s, "") for s in study.eval_sets], run.dir])
+                             *ci, *[run.predictions.get(s, "") for s in study.eval_sets], run.dir])
 
 
 def build_report(study_dir: str | Path, reference: bool = True) -> dict[str, Path]:

@@ -1,20 +1,30 @@
 """A study's numbers, read back from its run directories only (plan.json, row.json, each stage's
-results files), plus the published 2023 table. Pure over files; no torch, no model.
+results files and per-sample files), plus the published 2023 table. Pure over files; no torch, no model.
 
 Per (row, seed) a `RunResult`; per row a `Row` with the mean and the spread over seeds of every column.
-Columns: trainable_params, train_loss, train_runtime, <set>_<metric> for each eval set and metric, and
-the derived ones:
+Columns: trainable_params, train_loss, train_runtime, <set>_<metric> for each eval set and BLEU/ROUGE
+metric, <set>_nll / <set>_perplexity / <set>_kl (token-weighted means from the stage's results file),
+and the derived ones:
     style       = mean of the 4 metrics on the style set (persona)      -- all scores are x100
     general     = mean of the 4 metrics on the retention set (general)
-    style_gain  = style - style of the base row (row 0): what training taught
-    retention   = general - general of the base row: knowledge kept (0) or lost (< 0)
+    style_gain  = style - style of the base row (row 0): what training taught          (bleu_rouge)
+    retention   = general - general of the base row: knowledge kept (0) or lost (< 0)  (bleu_rouge)
     <set>_<metric>_delta = that score minus the base row's
-    style_gain_se, retention_se = standard error of that difference over eval samples (see below)
-Noise of a row's style gain / retention: with several seeds, the sample standard deviation over seeds
-(ddof 1); with one seed, the standard error of the paired per-sample difference from the base row
-(std over samples of row score - base score on the same sample, / sqrt(n)), which is what 24 or 100
-eval samples leave uncertain. A difference within its noise is marked not significant. The base row is
-evaluated once, so it has no noise of its own.
+and, from the per-sample files (likelihood.jsonl, generated_predictions.jsonl), each a mean over eval
+samples of a per-sample paired difference from the base row on the same sample (paired by "index", by
+line order in files without it):
+    style_gain_nll  = base NLL - row NLL of the style references (nats/token; > 0 = persona more likely)
+    retention_nll   = base NLL - row NLL of the general references (< 0 = knowledge lost)
+    style_kl        = KL(base || row) on the style set: how far the model drifted there (>= 0)
+    retention_kl    = -KL(base || row) on the general set: label-free forgetting (<= 0)
+    <column>_se     = standard error of that mean over samples (std of the differences / sqrt(n))
+Each of these and style_gain / retention gets a confidence interval per row (Row.ci, `<column>_lo` and
+`<column>_hi` in results.csv): a paired bootstrap over eval samples (stats.py), seeds pooled (a row's
+per-sample value is the mean over its seeds on that sample). Study.paired keeps the per-sample
+differences, so conclusions.py resamples every row on the same samples. BLEU/ROUGE pair only on the
+generated subset (`--max_generate_samples`), likelihood measures on every scored sample.
+Noise of a row's style gain / retention (Row.noise, for the error bars): the seed spread with several
+seeds, else the per-sample standard error. The base row is evaluated once: its differences are 0.
 """
 
 from __future__ import annotations
@@ -26,12 +36,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.errors import TunelabError
-from tunelab.names import (METRIC_KEYS, PLAN_FILE, PREDICTIONS_FILE, ROW_FILE, TRAINABLE_FILE, TRAINER_STATE_FILE,
+from tunelab.names import (LIKELIHOOD_FILE, METRIC_KEYS, PLAN_FILE, PREDICTIONS_FILE, ROW_FILE, TRAINABLE_FILE, TRAINER_STATE_FILE,
                            results_file)
 from tunelab.plotting import loss_points
+from tunelab.study import stats
+from tunelab.study.spec import MEASURES
 
 METRICS = METRIC_KEYS
+LIKELIHOOD_KEYS = ("nll", "perplexity", "kl")  # {stage}_<key> in a stage's results file -> <set>_<key>
+# (role, measure) -> the column of a row's difference from the base row (the spec's decide_on vocabulary)
+MEASURE_COLUMNS = {("style", "nll"): "style_gain_nll", ("retention", "nll"): "retention_nll",
+                   ("style", "kl"): "style_kl", ("retention", "kl"): "retention_kl",
+                   ("style", "bleu_rouge"): "style_gain", ("retention", "bleu_rouge"): "retention"}
+# column -> (role, per-sample measure, sign): per-sample value = sign * (row - base) on the same sample
+PAIRED = {"style_gain_nll": ("style", "nll", -1), "retention_nll": ("retention", "nll", -1),
+          "style_kl": ("style", "kl", 1), "retention_kl": ("retention", "kl", -1),
+          "style_gain": ("style", "bleu_rouge", 1), "retention": ("retention", "bleu_rouge", 1)}
+POINT_FROM_FILES = ("style_gain", "retention")  # 2023 columns: their point stays the results files' mean
 REFERENCE_FILE = "seed_study_2023_04_24_results.json"
 REFERENCE_LABEL = "ChatGLM-6B on other data (ChatNVL 2023-04-24), not comparable in absolute terms"
 
@@ -50,6 +74,7 @@ class RunResult:
     values: dict[str, float] = field(default_factory=dict)   # column -> value
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     predictions: dict[str, str] = field(default_factory=dict)  # eval set -> path relative to the study dir
+    likelihood: dict[str, str] = field(default_factory=dict)   # eval set -> likelihood.jsonl, relative
 
 
 @dataclass
@@ -63,6 +88,7 @@ class Row:
     runs: list[RunResult] = field(default_factory=list)
     mean: dict[str, float] = field(default_factory=dict)
     spread: dict[str, float] = field(default_factory=dict)  # only columns with >= 2 seeds
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # paired-bootstrap interval of a column
 
     def noise(self, column: str) -> float | None:
         """Seed spread of a column when there are >= 2 seeds, else its eval-sample standard error."""
@@ -77,12 +103,32 @@ class Row:
 
 
 @dataclass
+class Paired:
+    """One column's per-sample differences from the base row (seeds pooled), every row on the same
+    eval samples, so one resample of those samples applies to all rows at once."""
+
+    column: str
+    eval_set: str
+    index: list[int]                                           # the eval samples, in order
+    diffs: dict[int, np.ndarray] = field(default_factory=dict)  # row id -> (len(index),)
+
+    def replicates(self, replicates: int = stats.REPLICATES, seed: int = stats.SEED) -> dict[int, np.ndarray]:
+        """Row id -> (1 + B,) mean difference on the original samples, then on each resample; the
+        draw is keyed by the eval set, so every column of one set shares it."""
+        idx = stats.draw(len(self.index), replicates, seed, key=self.eval_set)
+        ids = list(self.diffs)
+        means = stats.replicate_means(np.stack([self.diffs[i] for i in ids]), idx)
+        return dict(zip(ids, means))
+
+
+@dataclass
 class Study:
     name: str
     scale: str | None
     roles: dict[str, str]            # eval set -> style / retention / other
     rows: list[Row]
     meta: dict[str, Any] = field(default_factory=dict)
+    paired: dict[str, Paired] = field(default_factory=dict)  # column -> per-sample differences of every row
 
     @property
     def eval_sets(self) -> list[str]:
@@ -114,10 +160,12 @@ def read_study(study_dir: str | Path) -> Study:
                            "run `tunelab study SPEC.yaml` first")
     roles = plan.get("eval_sets") or {name: "other" for name in plan["rows"][0]["evals"]}
     runs = [read_run(study_dir, entry, list(roles)) for entry in plan["rows"]]
-    add_sample_noise(study_dir, runs, roles)
+    per_run = paired_samples(study_dir, runs, roles)
     rows = aggregate(runs, roles)
+    paired = pool_seeds(rows, per_run, roles)
+    add_intervals(rows, paired)
     return Study(name=plan.get("name", study_dir.name), scale=plan.get("scale"), roles=roles, rows=rows,
-                 meta={k: v for k, v in plan.items() if k != "rows"})
+                 meta={k: v for k, v in plan.items() if k != "rows"}, paired=paired)
 
 
 def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> RunResult:
@@ -142,55 +190,179 @@ def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> Ru
 
 def _read_eval(run: RunResult, stage_dir: Path, name: str, rel: str) -> None:
     results = _read_json(stage_dir / results_file("predict")) or _read_json(stage_dir / results_file("eval"))
-    for metric in METRICS:
-        for prefix in ("predict_", "eval_"):
-            value = results.get(prefix + metric)
-            if isinstance(value, (int, float)):
-                run.values[f"{name}_{metric}"] = float(value)
-                break
+    for key in (*METRICS, *LIKELIHOOD_KEYS):
+        value = next((v for p in ("predict_", "eval_") if isinstance(v := results.get(p + key), (int, float))), None)
+        if value is not None:
+            run.values[f"{name}_{key}"] = float(value)
     if (stage_dir / PREDICTIONS_FILE).is_file():
         run.predictions[name] = f"{rel}/{PREDICTIONS_FILE}"
+    if (stage_dir / LIKELIHOOD_FILE).is_file():
+        run.likelihood[name] = f"{rel}/{LIKELIHOOD_FILE}"
 
 
-# ---- eval-sample noise (one seed) ----
+# ---- per-sample values and paired differences ----
 
-def sample_scores(path: Path) -> list[tuple[str, float]] | None:
-    """(label, mean of the 4 metrics) per sample of a predictions file; None when it cannot be scored."""
+Samples = dict[int, float]  # eval sample index -> value
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     try:
-        from tunelab.metrics import read_predictions, score_pair
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return []  # a half-written file: no per-sample data rather than wrong pairs
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
-        preds, labels = read_predictions(path)
-    except (ImportError, TunelabError):
+
+def _index(row: dict[str, Any], position: int) -> int:
+    index = row.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else position
+
+
+def read_likelihood(path: Path) -> dict[str, Samples]:
+    """{"nll": {index: nll}, "kl": {index: kl}} from a likelihood.jsonl (one line per eval sample:
+    index, tokens, nll, kl). A null value (a sample without response tokens; kl without the base
+    model's log-probs) leaves that sample out of that measure; a measure with no value is left out."""
+    out: dict[str, Samples] = {"nll": {}, "kl": {}}
+    for position, row in enumerate(_jsonl(path)):
+        for measure, samples in out.items():
+            value = row.get(measure)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                samples[_index(row, position)] = float(value)
+    return {m: v for m, v in out.items() if v}
+
+
+def sample_scores(path: Path) -> dict[int, tuple[str, float]] | None:
+    """index -> (label, mean of the 4 metrics) per sample of a predictions file; None when it cannot be scored."""
+    try:
+        from tunelab.metrics import score_pair
+    except ImportError:
         return None
-    return [(label, statistics.fmean(score_pair(pred, label).values())) for pred, label in zip(preds, labels)]
-
-
-def paired_se(scores: list[tuple[str, float]], base: list[tuple[str, float]]) -> float | None:
-    """Standard error of mean(row - base) over samples; None unless both scored the same samples."""
-    if len(scores) != len(base) or len(scores) < 2 or any(a[0] != b[0] for a, b in zip(scores, base)):
+    rows = _jsonl(path)
+    if not rows or not all(isinstance(r.get("predict"), str) and isinstance(r.get("label"), str) for r in rows):
         return None
-    return statistics.stdev(a[1] - b[1] for a, b in zip(scores, base)) / len(scores) ** 0.5
+    return {_index(r, i): (r["label"], statistics.fmean(score_pair(r["predict"], r["label"]).values()))
+            for i, r in enumerate(rows)}
 
 
-def add_sample_noise(study_dir: Path, runs: list[RunResult], roles: dict[str, str]) -> None:
-    """style_gain_se / retention_se per trained run, from its predictions and the base row's."""
+def run_samples(study_dir: Path, run: RunResult, eval_set: str) -> tuple[dict[str, Samples], dict[int, str]]:
+    """(measure -> per-sample values, index -> reference label) of one run on one eval set."""
+    values = read_likelihood(study_dir / run.likelihood[eval_set]) if eval_set in run.likelihood else {}
+    labels: dict[int, str] = {}
+    scores = sample_scores(study_dir / run.predictions[eval_set]) if eval_set in run.predictions else None
+    if scores:
+        values["bleu_rouge"] = {i: score for i, (_, score) in scores.items()}
+        labels = {i: label for i, (label, _) in scores.items()}
+    return values, labels
+
+
+def paired_difference(row: Samples, base: Samples, sign: int, row_labels: dict[int, str] | None = None,
+                      base_labels: dict[int, str] | None = None) -> Samples | None:
+    """sign * (row - base) on every sample both have; None when none is shared, or when the two files
+    hold other references on the same index (not the same samples)."""
+    common = sorted(set(row) & set(base))
+    if row_labels and base_labels and any(row_labels.get(i) != base_labels.get(i) for i in common):
+        return None
+    return {i: sign * (row[i] - base[i]) for i in common} or None
+
+
+def paired_samples(study_dir: Path, runs: list[RunResult], roles: dict[str, str]) -> dict[str, dict[str, Samples]]:
+    """column -> run dir -> per-sample difference from the base row, for every finished run (the base
+    run against itself included: all 0). Sets each run's `<column>` (likelihood columns; BLEU/ROUGE keep
+    the results files' value) and `<column>_se`."""
     base = next((r for r in runs if r.id == 0 and r.status == "done"), None)
-    cache: dict[str, list[tuple[str, float]] | None] = {}
+    out: dict[str, dict[str, Samples]] = {}
+    if base is None:
+        return out
+    sets = {role: next((n for n, r in roles.items() if r == role), None) for role in ("style", "retention")}
+    for eval_set in {s for s in sets.values() if s}:
+        base_values, base_labels = run_samples(study_dir, base, eval_set)
+        for run in (r for r in runs if r.status == "done"):
+            values, labels = (base_values, base_labels) if run is base else run_samples(study_dir, run, eval_set)
+            for column, (role, measure, sign) in PAIRED.items():
+                if sets[role] != eval_set or measure not in values:
+                    continue
+                # KL is already a divergence from the base model: the base's own is 0 where it has none
+                base_m = base_values.get(measure) or (dict.fromkeys(values[measure], 0.0) if measure == "kl" else None)
+                if base_m is None:
+                    continue
+                diff = paired_difference(values[measure], base_m, sign, labels, base_labels)
+                if diff is not None:
+                    out.setdefault(column, {})[run.dir] = diff
+                    _set_point(run, column, list(diff.values()))
+    return out
 
-    def scores(rel: str) -> list[tuple[str, float]] | None:
-        if rel not in cache:
-            cache[rel] = sample_scores(study_dir / rel)
-        return cache[rel]
 
-    for column, role in (("style_gain", "style"), ("retention", "retention")):
+def _set_point(run: RunResult, column: str, diffs: list[float]) -> None:
+    if column not in POINT_FROM_FILES:
+        run.values[column] = statistics.fmean(diffs)
+    if len(diffs) >= 2:
+        run.values[f"{column}_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def pool_seeds(rows: list[Row], per_run: dict[str, dict[str, Samples]], roles: dict[str, str]) -> dict[str, Paired]:
+    """column -> Paired: each row's per-sample difference averaged over its seeds, on the samples every
+    row of the column has (>= 2 samples, else no table and no interval)."""
+    out = {}
+    for column, by_run in per_run.items():
+        pooled: dict[int, Samples] = {}
+        for row in rows:
+            seeds = [by_run[r.dir] for r in row.runs if r.dir in by_run]
+            if seeds:
+                common = set.intersection(*(set(s) for s in seeds))
+                pooled[row.id] = {i: statistics.fmean(s[i] for s in seeds) for i in common}
+        index = sorted(set.intersection(*(set(p) for p in pooled.values()))) if pooled else []
+        if len(index) >= 2:
+            eval_set = next(n for n, r in roles.items() if r == PAIRED[column][0])
+            table = Paired(column=column, eval_set=eval_set, index=index)
+            table.diffs = {rid: np.array([p[i] for i in index]) for rid, p in pooled.items()}
+            out[column] = table
+    return out
+
+
+def add_intervals(rows: list[Row], paired: dict[str, Paired]) -> None:
+    """Row.ci[column] = the paired-bootstrap percentile interval of each row's mean difference."""
+    for column, table in paired.items():
+        for row_id, reps in table.replicates().items():
+            _, lo, hi = stats.interval(reps)
+            row = next(r for r in rows if r.id == row_id)
+            if lo is not None and hi is not None:
+                row.ci[column] = (lo, hi)
+
+
+def _has_measure(stage_dir: Path, measure: str) -> bool:
+    if measure == "bleu_rouge":
+        return (stage_dir / PREDICTIONS_FILE).is_file()
+    return measure in read_likelihood(stage_dir / LIKELIHOOD_FILE)
+
+
+def check_measures(study_dir: str | Path, row_dirs: list[str], roles: dict[str, str],
+                   decide_on: dict[str, str]) -> None:
+    """Before a study (re)runs: every finished row must carry the per-sample files `decide_on` needs,
+    else its rows were scored another way (an older tunelab wrote no likelihood.jsonl) and the verdicts
+    would mix measures. One-line TunelabError naming the key and the measures these rows do have."""
+    study_dir = Path(study_dir)
+    done = [d for d in row_dirs if _read_json(study_dir / d / "row.json").get("status") == "done"]
+    for role, measure in decide_on.items():
         eval_set = next((n for n, r in roles.items() if r == role), None)
-        if base is None or eval_set not in base.predictions or not (base_scores := scores(base.predictions[eval_set])):
+        if eval_set is None or not done:
             continue
-        for run in runs:
-            if run.id != 0 and run.status == "done" and eval_set in run.predictions:
-                se = paired_se(scores(run.predictions[eval_set]) or [], base_scores)
-                if se is not None:
-                    run.values[f"{column}_se"] = se
+        lacking = [d for d in done if not _has_measure(study_dir / d / eval_set, measure)]
+        if lacking:
+            have = [m for m in MEASURES[role] if all(_has_measure(study_dir / d / eval_set, m) for d in done)]
+            more = f" and {len(lacking) - 1} more finished rows" if len(lacking) > 1 else ""
+            raise TunelabError(
+                f"decide_on: {role}: {measure} needs per-sample {measure} in every finished row, but "
+                f"{lacking[0]}/{eval_set}{more} has none (scored by an older tunelab): valid for this study dir: "
+                f"{', '.join(have) or 'none'}; set decide_on to one of them, or use a new --output_dir")
 
 
 # ---- aggregation and derived columns ----

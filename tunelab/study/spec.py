@@ -22,6 +22,16 @@ A spec (examples/study_2023_04_24.yaml is the full example):
       quick: {train: {max_samples: 32}, eval_sets: {persona: {max_samples: 24}}}
       full: {}
     default_scale: quick
+    decide_on: {style: nll, retention: nll}   # the measures the verdicts rest on (default shown)
+
+`decide_on` picks, per role, the per-sample measure the four conclusions are decided on:
+    nll         style: base NLL - row NLL of the persona references (> 0 = the persona's replies became
+                more likely); retention: the same on the general references (< 0 = knowledge lost)
+    kl          retention only: -KL(base || row) on the general references (label-free drift, <= 0).
+                Not valid for style: moving away from the base model says how far the model moved,
+                not whether it moved toward the persona (style drift is still shown in the report)
+    bleu_rouge  the 2023 reading: mean of BLEU-4 and ROUGE-1/2/L x100 minus the base row's
+The report shows the BLEU/ROUGE verdicts beside the decide_on ones whatever is chosen.
 
 Option names everywhere are tunelab's (`tunelab train --help`); unknown keys fail with the closest
 valid names. The runner owns the per-stage options (output_dir, do_train/do_predict, checkpoint_dir,
@@ -42,12 +52,15 @@ from tunelab.errors import TunelabError, closest
 from tunelab.names import PROMPT_OPTIONS
 
 SPEC_KEYS = ("name", "description", "output_dir", "shared", "train", "eval", "eval_sets", "aux_dataset",
-             "base", "seeds", "rows", "axes", "scales", "default_scale")
+             "base", "seeds", "rows", "axes", "scales", "default_scale", "decide_on")
 SCALE_KEYS = ("description", "shared", "train", "eval", "eval_sets", "seeds")
 LABELS = ("method", "weights", "layers", "aux", "variant")  # table columns; `variant` is free-form
 ROW_KEYS = ("id", "name", "options", *LABELS)
 ROLES = ("style", "retention", "other")  # style = what training should teach; retention = what it may cost
 DEFAULT_ROLES = {"persona": "style", "general": "retention"}
+# decide_on: role -> the measures valid for it (see the module docstring); the default uses the sensitive ones
+MEASURES = {"style": ("nll", "bleu_rouge"), "retention": ("nll", "kl", "bleu_rouge")}
+DEFAULT_DECIDE_ON = {"style": "nll", "retention": "nll"}
 # Set per stage by the runner; a spec setting them would fight it (seeds go in `seeds:`).
 RUNNER_OPTIONS = ("output_dir", "do_train", "do_eval", "do_predict", "predict_with_generate", "checkpoint_dir",
                   "overwrite_output_dir", "resume_from_checkpoint", "seed")
@@ -73,6 +86,7 @@ class Spec:
     seeds: list[int] = field(default_factory=lambda: [42])
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_scale: str | None = None
+    decide_on: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DECIDE_ON))
 
 
 @dataclass
@@ -142,7 +156,7 @@ def parse_spec(data: Any, where: str = "spec") -> Spec:
         output_dir=data.get("output_dir"), aux_dataset=data.get("aux_dataset"), base=bool(data.get("base", True)),
         seeds=_seeds(data.get("seeds", [42]), f"{where}: seeds"),
         scales={n: _scale(n, s, eval_sets, where) for n, s in scales.items()},
-        default_scale=data.get("default_scale"))
+        default_scale=data.get("default_scale"), decide_on=parse_decide_on(data.get("decide_on"), where))
     _check_spec(spec, where)
     return spec
 
@@ -155,6 +169,21 @@ def _check_spec(spec: Spec, where: str) -> None:
         raise TunelabError(f"{where}: train needs a 'dataset' (the style target the rows train on)")
     if any(r["labels"].get("aux") for r in spec.rows) and not spec.aux_dataset:
         raise TunelabError(f"{where}: rows labelled aux: true need an 'aux_dataset'")
+
+
+def parse_decide_on(value: Any, where: str = "spec") -> dict[str, str]:
+    """{role: measure} with the default filled in for a role not given; a bad key or measure fails."""
+    where = f"{where}: decide_on"
+    out = dict(DEFAULT_DECIDE_ON)
+    for role, measure in _mapping(value if value is not None else {}, where).items():
+        if role not in MEASURES:
+            raise TunelabError(f"{where}: unknown key '{role}': valid: {', '.join(MEASURES)}")
+        if measure not in MEASURES[role]:
+            why = " (kl is drift from the base, not progress toward the persona)" if measure == "kl" else ""
+            raise TunelabError(f"{where}: {role}: unknown measure {measure!r}{why}: "
+                               f"valid: {', '.join(MEASURES[role])}")
+        out[role] = measure
+    return out
 
 
 def _check_mapping(data: Any, where: str) -> None:
