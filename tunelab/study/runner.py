@@ -7,6 +7,8 @@
         row.json                    status (pending/running/done/failed), error + traceback, timings
         row.log                     the row's log records
         train/ persona/ general/    ordinary tunelab run dirs (tunelab_args.json, results, predictions)
+        trajectory/<set>/step-<N>/  with `eval_every: N`: likelihood-only evals of each checkpoint
+                                    (tunelab/study/trajectory.py)
 
 A finished row is never redone: a rerun skips rows whose row.json says done, and inside an unfinished
 row skips stages whose results file exists. A half-finished training stage resumes from its newest
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.study import trajectory
 from tunelab.study.spec import RowPlan
 
 logger = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -
     if record.get("status") == "done":
         return {**record, "skipped": True}
     if record.get("fingerprint") not in (None, plan.fingerprint()):
-        _discard_stages(plan, record)  # an unfinished attempt with other options: nothing of it is reusable
+        _discard_stages(plan, record, row_dir)  # an unfinished attempt with other options: nothing of it is reusable
     record = {"id": plan.id, "name": plan.name, "seed": plan.seed, "labels": plan.labels, "dir": plan.dir,
               "fingerprint": plan.fingerprint(), "attempts": record.get("attempts", 0) + 1,
               "stages": record.get("stages", {}), "status": "running", "error": None, "traceback": None,
@@ -122,9 +125,10 @@ def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -
     return record
 
 
-def _discard_stages(plan: RowPlan, record: dict[str, Any]) -> None:
+def _discard_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path) -> None:
     for _, cfg in plan.stages():
         shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    shutil.rmtree(row_dir / trajectory.TRAJECTORY_DIR, ignore_errors=True)
     record["stages"] = {}
 
 
@@ -152,6 +156,18 @@ def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: Ru
         record["stages"][stage].update(status="done", seconds=round(time.time() - start, 1), metrics=_jsonable(metrics))
         _write_json(row_dir / ROW_FILE, record)
         trained_now = trained_now or kind == "train"
+    if plan.eval_every and plan.train:
+        _run_trajectory(plan, record, row_dir, run_fn, trained_now)
+
+
+def _run_trajectory(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn, retrained: bool) -> None:
+    """Score the row's checkpoints (tunelab/study/trajectory.py); timed like a stage, in row.json."""
+    record["stages"]["trajectory"] = {"status": "running"}
+    _write_json(row_dir / ROW_FILE, record)
+    start = time.time()
+    counts = trajectory.run_points(plan.evals, row_dir, lambda cfg: run_fn(_parse(cfg)), retrained)
+    record["stages"]["trajectory"] = {"status": "done", "seconds": round(time.time() - start, 1), **counts}
+    _write_json(row_dir / ROW_FILE, record)
 
 
 def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | None = None) -> dict[str, Any]:
@@ -173,11 +189,8 @@ def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | N
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The `checkpoint-<step>` folder with the highest step, or None."""
-    if not out.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return max(steps)[1] if steps else None
+    found = trajectory.checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def _parse(cfg: dict[str, Any]):
