@@ -38,6 +38,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.study import trajectory
+from tunelab.study.progress import Progress, end_session, start_session
 from tunelab.study.spec import RowPlan
 
 logger = logging.getLogger(__name__)
@@ -226,49 +227,20 @@ def _row_log(path: Path):
 
 # ---- the whole study ----
 
-class Progress:
-    """One line per finished row: status, time, headline scores, elapsed and ETA for the whole study."""
+def default_calibrate(plans: list[RowPlan], devices: int) -> dict[str, Any]:
+    from tunelab.study.calibrate import calibrate
 
-    def __init__(self, total: int, workers: int, log: Callable[[str], None]):
-        self.total, self.workers, self.log = total, max(workers, 1), log
-        self.done, self.durations, self.start = 0, [], time.time()
-
-    def update(self, plan: RowPlan, record: dict[str, Any]) -> None:
-        self.done += 1
-        if record.get("seconds") is not None and not record.get("skipped"):
-            self.durations.append(record["seconds"])
-        left = self.total - self.done
-        eta = (sum(self.durations) / len(self.durations)) * left / self.workers if self.durations else 0.0
-        status = record.get("status", "?")
-        detail = _headline(record) if status == "done" else (record.get("error") or "")[:160]
-        self.log(f"[{self.done:>2}/{self.total}] {plan.dir.split('/')[-1]:<34} {status:<6} "
-                 f"{_fmt_time(record.get('seconds', 0))}  {detail}  | elapsed {_fmt_time(time.time() - self.start)}"
-                 f", ETA {_fmt_time(eta)}")
-
-
-def _headline(record: dict[str, Any]) -> str:
-    parts = []
-    for stage, info in record.get("stages", {}).items():
-        metrics = info.get("metrics") or {}
-        if stage == "train" and "train_loss" in metrics:
-            parts.append(f"loss {metrics['train_loss']:.3f}")
-        elif "predict_bleu-4" in metrics:
-            parts.append(f"{stage} bleu-4 {metrics['predict_bleu-4']:.2f}")
-    return ", ".join(parts)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds or 0)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    return calibrate(plans, devices)
 
 
 def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None = None, workers: int = 1,
               devices: list[str] | None = None, log: Callable[[str], None] | None = None,
-              executor=None) -> list[dict[str, Any]]:
+              executor=None, calibrate: Callable[[list[RowPlan], int], dict[str, Any]] | None = None
+              ) -> list[dict[str, Any]]:
     """Run every plan not yet done (base row first); returns the row records in plan order. `executor`
-    (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes."""
+    (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes.
+    `calibrate(plans, devices)` measures this machine for the efficiency figures and the early ETA
+    (tunelab/study/calibrate.py); by default it runs when the rows run here with the real stages."""
     study_dir = Path(study_dir)
     log = log or _study_logger(study_dir)
     check_resumable(plans, study_dir)
@@ -276,11 +248,20 @@ def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None 
     where = executor.describe() if executor is not None else (f"{workers} workers" if workers > 1 else "")
     log(f"study {study_dir}: {len(plans)} rows, {len(plans) - len(todo)} already done, {len(todo)} to run"
         + (f" on {where}" if where else ""))
-    progress = Progress(len(todo), executor.parallelism(len(todo)) if executor is not None else workers, log)
-    if executor is not None:
-        executor.run(todo, study_dir, run_fn, progress.update)
-    else:
-        run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+    here = executor is None or getattr(executor, "runs_here", False)
+    if calibrate is None and run_fn is None and here and todo:
+        calibrate = default_calibrate
+    used = getattr(executor, "devices", None) if executor is not None else devices
+    budget = start_session(study_dir, plans, todo, calibrate, len(set(used or [])) or 1, log)
+    progress = Progress(todo, executor.parallelism(len(todo)) if executor is not None else workers, log, budget,
+                        study_dir)
+    try:
+        if executor is not None:
+            executor.run(todo, study_dir, run_fn, progress.update)
+        else:
+            run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+    finally:
+        end_session(study_dir, progress)
     return [read_row(study_dir / p.dir) for p in plans]
 
 
