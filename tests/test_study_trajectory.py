@@ -189,3 +189,23 @@ def test_no_likelihood_files_no_paths(tmp_path):
     run_study(plans, tmp_path, run_fn=plain, log=_quiet)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert trajectory.read_trajectories(tmp_path, plan, {"persona": "style", "general": "retention"}) == []
+
+
+def test_real_stages_score_a_checkpoint(tiny_llama_dir, tmp_path):
+    """Base + one LoRA row on a tiny random Llama through the real train / eval stages: a checkpoint
+    after every step, each but the last scored by a likelihood-only eval of that checkpoint."""
+    pytest.importorskip("peft")
+    shared = {"dataset_dir": "data", "max_source_length": 64, "model_name_or_path": str(tiny_llama_dir), "bf16": False}
+    train = {"dataset": "example", "max_samples": 4, "num_train_epochs": 1, "per_device_train_batch_size": 1}
+    _, plans = tiny_plans(tmp_path, shared=shared, train=train, eval_every=1)
+    records = run_study(plans[:2], tmp_path, log=_quiet, calibrate=lambda plans, devices: {})
+    assert [r["status"] for r in records] == ["done", "done"], records[1].get("error")
+    row = tmp_path / plans[1].dir
+    steps = json.loads((row / "train/trainer_state.json").read_text())["global_step"]
+    assert steps >= 2 and len(list((row / "train").glob("checkpoint-*"))) == steps
+    point = row / "trajectory/general/step-1"
+    assert "eval_loss" in json.loads((point / "eval_results.json").read_text())
+    assert not (point / "generated_predictions.jsonl").exists()  # no generation
+    assert json.loads((point / "tunelab_args.json").read_text())["checkpoint_dir"].endswith("checkpoint-1")
+    assert not (row / f"trajectory/general/step-{steps}").exists()  # the last step is the row's own eval
+    assert len(list(row.glob("trajectory/*/step-*"))) == 2 * (steps - 1)
