@@ -12,32 +12,19 @@ projection (2048 x 576 @ 576 x 49152). bench.train runs this in a subprocess at 
 from __future__ import annotations
 
 import argparse
-import time
 
-from bench.common import emit, median
+from bench.common import emit
 
 SQUARE = (1024, 2048, 4096)
 MODEL_SHAPES = {"mlp 2048x576x1536": (2048, 576, 1536), "head 2048x576x49152": (2048, 576, 49152)}
 
 
 def gflops(m: int, k: int, n: int, dtype, seconds: float) -> float:
-    """Median GFLOP/s of (m x k) @ (k x n) over repeats filling about `seconds`."""
-    import torch
+    """Median GFLOP/s of (m x k) @ (k x n) over repeats filling about `seconds` (the study's calibration
+    measures with the same function)."""
+    from tunelab.study.calibrate import matmul_gflops
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
-    c = torch.empty(m, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.mm(a, b, out=c)  # warm-up: kernel selection, page faults
-    sync()
-    rates, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(rates) < 3:
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        sync()
-        rates.append(2 * m * k * n / (time.perf_counter() - t0) / 1e9)
-    return median(rates)
+    return matmul_gflops(m, k, n, dtype, seconds)
 
 
 def measure(quick: bool = False) -> dict:

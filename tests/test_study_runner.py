@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_study_efficiency import fake_calibrate
 from test_study_fakes import FailingRun, fake_run, read_calls, tiny_plans
 
 from tunelab.hparams import TunelabError
@@ -158,6 +159,7 @@ def test_cli_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     from tunelab.study.cli import main
 
     monkeypatch.setattr(runner, "default_run_fn", FailingRun("r03_p_tuning"))
+    monkeypatch.setattr(runner, "default_calibrate", fake_calibrate)
     out = tmp_path / "study"
     spec = str(REPO / "examples/study_tiny.yaml")
     assert main([spec, "--output_dir", str(out), "--set", "model_name_or_path=/models/tiny"]) == 1  # row 3 failed
@@ -166,7 +168,8 @@ def test_cli_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["set"] == {"model_name_or_path": "/models/tiny"} and len(plan["rows"]) == 4
     assert plan["rows"][1]["train"]["model_name_or_path"] == "/models/tiny"
-    assert "1 rows not done" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 rows not done" in printed and "planned ≈ 1.7 TFLOP; this machine's peak 50 GFLOP/s" in printed
     monkeypatch.setattr(runner, "default_run_fn", fake_run)
     n = len(read_calls(out))
     assert main([str(out)]) == 0  # resume from the study dir: its spec.yaml, scale and --set values
@@ -177,6 +180,7 @@ def test_cli_rows_runs_a_subset_with_the_base_row(tmp_path, monkeypatch):
     from tunelab.study.cli import main
 
     monkeypatch.setattr(runner, "default_run_fn", fake_run)
+    monkeypatch.setattr(runner, "default_calibrate", fake_calibrate)
     out = tmp_path / "study"
     assert main([str(REPO / "examples/study_tiny.yaml"), "--output_dir", str(out), "--rows", "2"]) == 0
     assert {c["stage"].split("/")[1] for c in read_calls(out)} == {"r00_base_s42", "r02_freeze_mlp_last1_aux_s42"}

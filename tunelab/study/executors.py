@@ -186,6 +186,7 @@ class LocalExecutor:
 
     workers: int = 1
     devices: list[str] | None = None
+    runs_here = True  # the study's calibration (peak, ETA) measures this machine
 
     def parallelism(self, rows: int) -> int:
         return min(self.workers, max(rows, 1))

@@ -3,6 +3,8 @@
 loss_curves:   training loss vs step of every row on one axis (colour = method group, dashed = aux).
 style_scatter: style gain (x) vs retention (y) per row, this study next to the published 2023 rows;
                error bars show each row's noise (seed spread, or eval-sample standard error).
+trajectories:  each row's path in the same plane along training (`eval_every`), from the base model at
+               (0, 0) through every scored checkpoint to its final weights (arrow heads show the direction).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 
 from tunelab.study.conclusions import group_of
 from tunelab.study.results import Study
+from tunelab.study.trajectory import Trajectory
 
 GROUP_COLORS = {"freeze-first": "#d62728", "freeze-last": "#ff9896", "p_tuning": "#2ca02c", "lora-first": "#1f77b4",
                 "lora-last": "#9467bd", "lora-all": "#17becf", "full": "#8c564b"}
@@ -91,4 +94,34 @@ def style_scatter(study: Study, reference: Study | None) -> bytes | None:
     handles += [plt.Line2D([], [], color="#555", marker=m, linestyle="", label=lab)
                 for m, lab in (("o", "no aux"), ("^", "with aux"))]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, bbox_to_anchor=(0.5, -0.06))
+    return _png(fig)
+
+
+def trajectories(paths: list[Trajectory], measures: dict[str, str], title: str) -> bytes | None:
+    """Every (row, seed)'s path, one colour per method group (dashed = aux), arrows along it, the final
+    point labelled with the row id; None unless some path has a point between the base and the end."""
+    if not any(len(t.points) > 2 for t in paths):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for t in paths:
+        steps, xs, ys = zip(*t.points)
+        color = _color(t.labels)
+        ax.plot(xs, ys, color=color, linestyle="--" if t.labels.get("aux") else "-", linewidth=1.0, alpha=0.8)
+        for i in range(1, len(xs)):
+            ax.annotate("", xy=(xs[i], ys[i]), xytext=(xs[i - 1], ys[i - 1]),
+                        arrowprops={"arrowstyle": "->", "color": color, "lw": 1.0})
+        ax.scatter(xs[1:-1], ys[1:-1], color=color, s=10, zorder=3)
+        ax.scatter(xs[-1:], ys[-1:], color=color, marker="^" if t.labels.get("aux") else "o", s=40, zorder=3)
+        ax.annotate(f"{t.row_id} (step {steps[-1]})", (xs[-1], ys[-1]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)
+    ax.axhline(0, color="#999", linewidth=0.8)
+    ax.axvline(0, color="#999", linewidth=0.8)
+    ax.set_xlabel(f"style gain ({measures['style']}, persona set, vs base)")
+    ax.set_ylabel(f"retention ({measures['retention']}, general set, vs base)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    present = {group_of(t.labels) for t in paths}
+    handles = [plt.Line2D([], [], color=c, label=g) for g, c in GROUP_COLORS.items() if g in present]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)

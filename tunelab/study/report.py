@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.names import METRIC_LABELS
-from tunelab.study import figures
+from tunelab.study import figures, sections
 from tunelab.study.conclusions import BLEU_ROUGE, DIGITS, Verdict, check_conclusions, method_note, missing_measures
 from tunelab.study.results import METRICS, REFERENCE_LABEL, Row, Study, load_reference, read_study
 from tunelab.study.spec import DEFAULT_DECIDE_ON
@@ -220,6 +220,8 @@ def render_md(blocks: list[tuple[str, str, Any]], study: Study, images: dict[str
             out.append(f"![{title}](figures/{payload}.png)" if payload in images else "(no data yet)")
         elif kind == "pre":
             out.append("```\n" + payload + "\n```")
+        elif kind == "details":  # (summary, header, body) per entry: collapsible in HTML
+            out.append("\n\n".join(f"**{summary}**\n\n{md_table(h, b)}" for summary, h, b in payload))
         else:
             out.append(payload)
         out.append("")
@@ -240,6 +242,9 @@ def render_html(blocks: list[tuple[str, str, Any]], study: Study, images: dict[s
                        if data else "<p>(no data yet)</p>")
         elif kind == "pre":
             out.append(f"<pre>{html.escape(payload)}</pre>")
+        elif kind == "details":
+            out.append("".join(f"<details><summary>{html.escape(summary)}</summary>{html_table(h, b)}</details>"
+                               for summary, h, b in payload))
         else:
             out.append(f"<p class='{'note' if kind == 'note' else ''}'>{html.escape(payload)}</p>")
     out.append("</body></html>")
@@ -275,6 +280,7 @@ def build_report(study_dir: str | Path, reference: bool = True) -> dict[str, Pat
     for name, png in images.items():
         (study_dir / "figures" / f"{name}.png").write_bytes(png)
     blocks = _sections(study, ref, ref_meta)
+    blocks = sections.add_sections(blocks, study_dir, study, images)  # trajectories, forgotten, efficiency
     paths = {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "results.csv"}
     paths["md"].write_text(render_md(blocks, study, images), encoding="utf-8")
     paths["html"].write_text(render_html(blocks, study, images), encoding="utf-8")

@@ -7,6 +7,8 @@
         row.json                    status (pending/running/done/failed), error + traceback, timings
         row.log                     the row's log records
         train/ persona/ general/    ordinary tunelab run dirs (tunelab_args.json, results, predictions)
+        trajectory/<set>/step-<N>/  with `eval_every: N`: likelihood-only evals of each checkpoint
+                                    (tunelab/study/trajectory.py)
 
 A finished row is never redone: a rerun skips rows whose row.json says done, and inside an unfinished
 row skips stages whose results file exists. A half-finished training stage resumes from its newest
@@ -36,6 +38,8 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.names import PLAN_FILE, ROW_FILE, SPEC_FILE, results_file
+from tunelab.study import trajectory
+from tunelab.study.progress import Progress, end_session, start_session
 from tunelab.study.spec import RowPlan
 
 logger = logging.getLogger(__name__)
@@ -95,7 +99,7 @@ def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -
     if record.get("status") == "done":
         return {**record, "skipped": True}
     if record.get("fingerprint") not in (None, plan.fingerprint()):
-        _discard_stages(plan, record)  # an unfinished attempt with other options: nothing of it is reusable
+        _discard_stages(plan, record, row_dir)  # an unfinished attempt with other options: nothing of it is reusable
     record = {"id": plan.id, "name": plan.name, "seed": plan.seed, "labels": plan.labels, "dir": plan.dir,
               "fingerprint": plan.fingerprint(), "attempts": record.get("attempts", 0) + 1,
               "stages": record.get("stages", {}), "status": "running", "error": None, "traceback": None,
@@ -121,9 +125,10 @@ def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -
     return record
 
 
-def _discard_stages(plan: RowPlan, record: dict[str, Any]) -> None:
+def _discard_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path) -> None:
     for _, cfg in plan.stages():
         shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    shutil.rmtree(row_dir / trajectory.TRAJECTORY_DIR, ignore_errors=True)
     record["stages"] = {}
 
 
@@ -151,6 +156,18 @@ def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: Ru
         record["stages"][stage].update(status="done", seconds=round(time.time() - start, 1), metrics=_jsonable(metrics))
         _write_json(row_dir / ROW_FILE, record)
         trained_now = trained_now or kind == "train"
+    if plan.eval_every and plan.train:
+        _run_trajectory(plan, record, row_dir, run_fn, trained_now)
+
+
+def _run_trajectory(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn, retrained: bool) -> None:
+    """Score the row's checkpoints (tunelab/study/trajectory.py); timed like a stage, in row.json."""
+    record["stages"]["trajectory"] = {"status": "running"}
+    _write_json(row_dir / ROW_FILE, record)
+    start = time.time()
+    counts = trajectory.run_points(plan.evals, row_dir, lambda cfg: run_fn(_parse(cfg)), retrained)
+    record["stages"]["trajectory"] = {"status": "done", "seconds": round(time.time() - start, 1), **counts}
+    _write_json(row_dir / ROW_FILE, record)
 
 
 def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | None = None) -> dict[str, Any]:
@@ -172,11 +189,8 @@ def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | N
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The `checkpoint-<step>` folder with the highest step, or None."""
-    if not out.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return max(steps)[1] if steps else None
+    found = trajectory.checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def _parse(cfg: dict[str, Any]):
@@ -212,49 +226,20 @@ def _row_log(path: Path):
 
 # ---- the whole study ----
 
-class Progress:
-    """One line per finished row: status, time, headline scores, elapsed and ETA for the whole study."""
+def default_calibrate(plans: list[RowPlan], devices: int) -> dict[str, Any]:
+    from tunelab.study.calibrate import calibrate
 
-    def __init__(self, total: int, workers: int, log: Callable[[str], None]):
-        self.total, self.workers, self.log = total, max(workers, 1), log
-        self.done, self.durations, self.start = 0, [], time.time()
-
-    def update(self, plan: RowPlan, record: dict[str, Any]) -> None:
-        self.done += 1
-        if record.get("seconds") is not None and not record.get("skipped"):
-            self.durations.append(record["seconds"])
-        left = self.total - self.done
-        eta = (sum(self.durations) / len(self.durations)) * left / self.workers if self.durations else 0.0
-        status = record.get("status", "?")
-        detail = _headline(record) if status == "done" else (record.get("error") or "")[:160]
-        self.log(f"[{self.done:>2}/{self.total}] {plan.dir.split('/')[-1]:<34} {status:<6} "
-                 f"{_fmt_time(record.get('seconds', 0))}  {detail}  | elapsed {_fmt_time(time.time() - self.start)}"
-                 f", ETA {_fmt_time(eta)}")
-
-
-def _headline(record: dict[str, Any]) -> str:
-    parts = []
-    for stage, info in record.get("stages", {}).items():
-        metrics = info.get("metrics") or {}
-        if stage == "train" and "train_loss" in metrics:
-            parts.append(f"loss {metrics['train_loss']:.3f}")
-        elif "predict_bleu-4" in metrics:
-            parts.append(f"{stage} bleu-4 {metrics['predict_bleu-4']:.2f}")
-    return ", ".join(parts)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds or 0)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    return calibrate(plans, devices)
 
 
 def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None = None, workers: int = 1,
               devices: list[str] | None = None, log: Callable[[str], None] | None = None,
-              executor=None) -> list[dict[str, Any]]:
+              executor=None, calibrate: Callable[[list[RowPlan], int], dict[str, Any]] | None = None
+              ) -> list[dict[str, Any]]:
     """Run every plan not yet done (base row first); returns the row records in plan order. `executor`
-    (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes."""
+    (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes.
+    `calibrate(plans, devices)` measures this machine for the efficiency figures and the early ETA
+    (tunelab/study/calibrate.py); by default it runs when the rows run here with the real stages."""
     study_dir = Path(study_dir)
     log = log or _study_logger(study_dir)
     check_resumable(plans, study_dir)
@@ -262,11 +247,20 @@ def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None 
     where = executor.describe() if executor is not None else (f"{workers} workers" if workers > 1 else "")
     log(f"study {study_dir}: {len(plans)} rows, {len(plans) - len(todo)} already done, {len(todo)} to run"
         + (f" on {where}" if where else ""))
-    progress = Progress(len(todo), executor.parallelism(len(todo)) if executor is not None else workers, log)
-    if executor is not None:
-        executor.run(todo, study_dir, run_fn, progress.update)
-    else:
-        run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+    here = executor is None or getattr(executor, "runs_here", False)
+    if calibrate is None and run_fn is None and here and todo:
+        calibrate = default_calibrate
+    used = getattr(executor, "devices", None) if executor is not None else devices
+    budget = start_session(study_dir, plans, todo, calibrate, len(set(used or [])) or 1, log)
+    progress = Progress(todo, executor.parallelism(len(todo)) if executor is not None else workers, log, budget,
+                        study_dir)
+    try:
+        if executor is not None:
+            executor.run(todo, study_dir, run_fn, progress.update)
+        else:
+            run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+    finally:
+        end_session(study_dir, progress)
     return [read_row(study_dir / p.dir) for p in plans]
 
 

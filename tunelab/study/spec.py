@@ -18,6 +18,8 @@ A spec (examples/study_2023_04_24.yaml is the full example):
          options: {num_layer_trainable: 3, name_module_trainable: mlp}}
     # or, instead of rows, named axes crossed in order (value label -> options):
     # axes: {method: {lora: {}, freeze: {}}, aux: {false: {}, true: {}}}
+    eval_every: 8                          # optional: score the cheap measures every 8 training steps
+                                           # (a trajectory per row; tunelab/study/trajectory.py)
     scales:                                # named overrides of sizes; same sections as above
       quick: {train: {max_samples: 32}, eval_sets: {persona: {max_samples: 24}}}
       full: {}
@@ -68,6 +70,20 @@ RUNNER_OPTIONS = ("output_dir", "do_train", "do_eval", "do_predict", "predict_wi
 # even when a row overrides them (tunelab eval would inherit them from the checkpoint too).
 FORMAT_OPTIONS = ("model_name_or_path", "dataset_dir", *PROMPT_OPTIONS)
 
+# Trajectories: `eval_every: N` (top level or in a scale) saves a checkpoint every N training steps and
+# scores the cheap measures at each (tunelab/study/trajectory.py). Kept as its own block.
+TRAJECTORY_KEYS = ("eval_every",)
+SPEC_KEYS += TRAJECTORY_KEYS
+SCALE_KEYS += TRAJECTORY_KEYS
+
+
+def check_eval_every(value: Any, where: str) -> int | None:
+    """None (no trajectories) or a positive integer number of training steps."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise TunelabError(f"{where}: eval_every must be a positive integer number of training steps "
+                       f"(or left out for no trajectories), got {value!r}")
+
 
 @dataclass
 class Spec:
@@ -83,6 +99,7 @@ class Spec:
     output_dir: str | None = None
     aux_dataset: str | None = None
     base: bool = True
+    eval_every: int | None = None  # trajectories: score the cheap measures every N training steps
     seeds: list[int] = field(default_factory=lambda: [42])
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_scale: str | None = None
@@ -100,6 +117,7 @@ class RowPlan:
     dir: str                      # relative to the study dir: rows/r07_freeze_qkv_first3_s42
     train: dict[str, Any] | None  # None for the base row, which only evaluates
     evals: dict[str, dict[str, Any]]
+    eval_every: int | None = None  # trajectory points every N training steps (tunelab/study/trajectory.py)
 
     def stages(self) -> list[tuple[str, dict[str, Any]]]:
         """(stage name, options) in run order: train first, then each eval set."""
@@ -157,6 +175,7 @@ def parse_spec(data: Any, where: str = "spec") -> Spec:
         seeds=_seeds(data.get("seeds", [42]), f"{where}: seeds"),
         scales={n: _scale(n, s, eval_sets, where) for n, s in scales.items()},
         default_scale=data.get("default_scale"), decide_on=parse_decide_on(data.get("decide_on"), where))
+    spec.eval_every = check_eval_every(data.get("eval_every"), where)
     _check_spec(spec, where)
     return spec
 
@@ -260,6 +279,7 @@ def _scale(name: str, scale: Any, eval_sets: dict[str, Any], where: str) -> dict
         _options(cfg or {}, f"{where}: eval_sets: {set_name}")
     if "seeds" in scale:
         scale["seeds"] = _seeds(scale["seeds"], f"{where}: seeds")
+    check_eval_every(scale.get("eval_every"), where)
     return scale
 
 
@@ -344,7 +364,8 @@ def apply_scale(spec: Spec, scale: str | None) -> Spec:
         sets[name].update(cfg or {})
     return replace(spec, shared={**spec.shared, **over.get("shared", {})},
                    train={**spec.train, **over.get("train", {})}, eval={**spec.eval, **over.get("eval", {})},
-                   eval_sets=sets, seeds=over.get("seeds", spec.seeds))
+                   eval_sets=sets, seeds=over.get("seeds", spec.seeds),
+                   eval_every=over.get("eval_every", spec.eval_every))
 
 
 def override_shared(spec: Spec, overrides: dict[str, Any]) -> Spec:
@@ -379,6 +400,8 @@ def _plan(spec: Spec, study_dir: Path, row: dict[str, Any], seed: int) -> RowPla
             dataset = f"{dataset},{spec.aux_dataset}"
         train = {**spec.shared, **spec.train, **row["options"], "dataset": dataset, "seed": seed,
                  "do_train": True, "output_dir": str(study_dir / rel / "train")}
+        if spec.eval_every:  # a checkpoint at every trajectory point, all kept
+            train.update(save_strategy="steps", save_steps=spec.eval_every, save_total_limit=None)
     evals = {}
     for name, eval_set in spec.eval_sets.items():
         cfg = {**spec.shared, **spec.eval, **{k: v for k, v in eval_set.items() if k != "role"}}
@@ -390,7 +413,7 @@ def _plan(spec: Spec, study_dir: Path, row: dict[str, Any], seed: int) -> RowPla
         cfg.update(seed=seed, do_predict=True, predict_with_generate=True, output_dir=str(study_dir / rel / name))
         evals[name] = cfg
     return RowPlan(id=row["id"], name=row["name"], seed=seed, labels=dict(row["labels"]), dir=rel,
-                   train=train, evals=evals)
+                   train=train, evals=evals, eval_every=spec.eval_every if train else None)
 
 
 def eval_roles(spec: Spec) -> dict[str, str]:

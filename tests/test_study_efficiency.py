@@ -1,0 +1,174 @@
+"""Study-level efficiency (tunelab/study/efficiency.py, calibrate.py, progress.py): the FLOP formula and
+the ETA arithmetic by hand, MFU and time split from fixture row files, the runner's start line and
+session record with a fake calibration, and the calibration's model shape / token counts on a tiny model.
+No test measures or asserts a speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_study_fakes import fake_run, tiny_plans
+
+from tunelab.study import efficiency as eff
+from tunelab.study.efficiency import Budget, EvalTokens, ModelShape
+from tunelab.study.runner import run_study
+
+SHAPE = ModelShape(layers=(10, 10, 10, 10), other_body=2, head=5)  # body 42
+
+
+def _write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+# ---- formula and ETA arithmetic ----
+
+def test_flop_formula_by_hand():
+    assert SHAPE.body == 42 and SHAPE.active(0) == 42 and SHAPE.active(3) == 12
+    # full fine-tuning: forward 2N + input grads 2N + weight grads 2N = 6N per token
+    assert eff.train_flops(SHAPE, 100, 0, SHAPE.body) == 6 * 42 * 100
+    # Freeze of the last layer: backward stops at layer 3 and trains its 10 parameters
+    assert eff.train_flops(SHAPE, 100, 3, 10) == 2 * 100 * (42 + 12 + 10)
+    assert eff.scoring_flops(SHAPE, 50, 20) == 2 * (42 * 50 + 5 * 20)
+    assert eff.generation_flops(SHAPE, 30, 8) == 2 * (42 * 38 + 5 * 8)
+    assert eff.lowest_trainable_layer("lora", [2, 3]) == 2
+    assert eff.lowest_trainable_layer("p_tuning", [3]) == 0 and eff.lowest_trainable_layer("freeze", []) == 0
+
+
+def test_planned_row_flops_and_train_steps():
+    tokens = EvalTokens(samples=4, scored=200, reference=80, prompt=120, generated_samples=2, max_new_tokens=10)
+    score, gen = tokens.flops(SHAPE, generate=True)
+    assert score == 2 * (42 * 200 + 5 * 80)
+    assert gen == 2 * (42 * (60 + 20) + 5 * 20)  # half the samples' prompts, 10 new tokens each
+    assert tokens.flops(SHAPE, generate=False) == (score, 0.0)
+    row = eff.planned_row_flops(SHAPE, 1000, 3, 10, [(tokens, True)], trajectory_points=2)
+    assert row == {"train": 2 * 1000 * 64, "scoring": 3 * score, "generation": gen}
+    assert eff.planned_row_flops(SHAPE, None, 0, 0, [(tokens, True)])["train"] == 0.0
+    assert eff.train_steps(61, 8, 2) == 16 and eff.train_steps(10, 4, 1.5) == 5
+
+
+def test_eta_before_and_after_rows_finish():
+    budget = Budget({"rows/a": 1e12, "rows/b": 2e12}, peak_gflops=100, precision="fp32")
+    line = budget.start_line(["rows/a", "rows/b"])
+    # 3e12 FLOP at 30% of 1e11 FLOP/s = 100 s
+    assert line == ("planned ≈ 3.0 TFLOP; this machine's peak 100 GFLOP/s (fp32); ETA ≈ 2 min "
+                    "(at an assumed 30% MFU)")
+    assert eff.eta_seconds(3e12, 1e11, eff.ASSUMED_MFU) == pytest.approx(100)
+    budget.finished("rows/a")  # row a took 20 s: 1e12 / (20 x 1e11) = 50% of the peak
+    left, mfu = budget.eta(["rows/a", "rows/b"], elapsed=20)
+    assert mfu == pytest.approx(0.5) and left == pytest.approx(40)
+    two = Budget({"rows/a": 1e12}, peak_gflops=100, precision="bf16", devices=2)
+    assert "x 2 devices" in two.start_line(["rows/a"]) and two.peak_flops == 2e11
+
+
+# ---- from fixture files ----
+
+def _fixture_study(tmp_path: Path) -> list[dict]:
+    """Base row (eval only, recorded tokens and a split) and one trained row with a planned entry only."""
+    entries = [{"id": 0, "dir": "rows/r00_base_s42"}, {"id": 1, "dir": "rows/r01_freeze_s42"}]
+    base, row = tmp_path / entries[0]["dir"], tmp_path / entries[1]["dir"]
+    _write(base / "row.json", {"status": "done", "stages": {"persona": {"seconds": 30.0}}})
+    _write(base / "persona/predict_results.json",
+           {"predict_tokens_scored": 200, "predict_tokens_generated": 20, "predict_likelihood_samples": 4,
+            "predict_generated_samples": 2, "predict_scoring_runtime": 10.0, "predict_generation_runtime": 15.0})
+    (base / "persona/likelihood.jsonl").write_text(
+        "".join(json.dumps({"index": i, "tokens": 20, "nll": 2.0, "kl": 0.0}) + "\n" for i in range(4)))
+    _write(row / "row.json", {"status": "done", "stages": {"train": {"seconds": 50.0}, "persona": {"seconds": 20.0}}})
+    _write(row / "train/trainer_state.json", {"global_step": 4, "num_input_tokens_seen": 1000})
+    _write(row / "train/trainable.json", {"finetuning_type": "freeze", "trainable_params": 10, "layers": [3]})
+    _write(row / "persona/predict_results.json", {"predict_bleu-4": 1.0})  # no token counts: planned ones
+    _write(tmp_path / eff.EFFICIENCY_FILE, {
+        "calibration": {"peak_gflops": 1e-6, "precision": "fp32", "model": SHAPE.to_dict(),
+                        "rows": {"rows/r01_freeze_s42": {"flops": {"train": 1.0, "scoring": 500.0, "generation": 700.0}}}},
+        "sessions": [{"seconds": 60.0}, {"seconds": 40.0}]})
+    return entries
+
+
+def test_mfu_and_time_split_from_row_files(tmp_path):
+    entries = _fixture_study(tmp_path)
+    study = eff.read_efficiency(tmp_path, entries)
+    base_flops = 2 * (42 * 200 + 5 * 80) + 2 * (42 * (120 * 2 / 4 + 20) + 5 * 20)
+    row_flops = 2 * 1000 * (42 + 12 + 10) + 500 + 700  # recorded train tokens; planned eval
+    assert [f for _, _, f in study.rows] == [pytest.approx(base_flops), pytest.approx(row_flops)]
+    assert study.wall_seconds == 100.0  # two sessions
+    assert study.mfu == pytest.approx((base_flops + row_flops) / (100.0 * 1e-6 * 1e9))
+    splits = dict((d, s) for d, s, _ in study.rows)
+    assert splits["rows/r00_base_s42"] == {"train": 0.0, "scoring": 10.0, "generation": 15.0, "eval_unsplit": 0.0,
+                                           "other": 5.0}
+    assert splits["rows/r01_freeze_s42"]["train"] == 50.0 and splits["rows/r01_freeze_s42"]["eval_unsplit"] == 20.0
+    assert study.totals()["scoring"] == 10.0
+
+
+def test_no_calibration_leaves_flops_unknown_but_splits_time(tmp_path):
+    entries = _fixture_study(tmp_path)
+    (tmp_path / eff.EFFICIENCY_FILE).unlink()
+    study = eff.read_efficiency(tmp_path, entries)
+    assert study.flops is None and study.mfu is None and study.wall_seconds == 30.0 + 70.0
+
+
+# ---- the runner with a fake calibration ----
+
+def fake_calibrate(plans, devices):
+    return {"peak_gflops": 50.0, "precision": "fp32", "devices": devices, "model": SHAPE.to_dict(),
+            "rows": {p.dir: {"train_tokens": 100 if p.train else None,
+                             "flops": {"train": 3e11 if p.train else 0.0, "scoring": 1e11, "generation": 1e11}}
+                     for p in plans}}
+
+
+def test_the_study_states_its_planned_cost_at_the_start_and_mfu_per_row(tmp_path):
+    _, plans = tiny_plans(tmp_path)
+    lines = []
+    run_study(plans, tmp_path, run_fn=fake_run, log=lines.append, calibrate=fake_calibrate)
+    # 2e11 for the base row + 3 x 5e11 = 1.7e12 FLOP at 30% of 50 GFLOP/s = 113 s
+    assert lines[1] == ("planned ≈ 1.7 TFLOP; this machine's peak 50 GFLOP/s (fp32); ETA ≈ 2 min "
+                        "(at an assumed 30% MFU)")
+    rows = [line for line in lines if line.startswith("[")]
+    assert all("study MFU" in line and "ETA" in line for line in rows)
+    data = json.loads((tmp_path / eff.EFFICIENCY_FILE).read_text())
+    assert data["calibration"]["peak_gflops"] == 50.0 and len(data["sessions"]) == 1
+    assert data["sessions"][0]["rows"] == 4
+    run_study(plans, tmp_path, run_fn=fake_run, log=lines.append, calibrate=fake_calibrate)  # nothing to run
+    assert len(json.loads((tmp_path / eff.EFFICIENCY_FILE).read_text())["sessions"]) == 1
+
+
+def test_a_failed_calibration_falls_back_to_row_times(tmp_path):
+    _, plans = tiny_plans(tmp_path)
+    lines = []
+    run_study(plans, tmp_path, run_fn=fake_run, log=lines.append,
+              calibrate=lambda plans, devices: {"errors": ["OSError: no model"]})
+    assert lines[1] == "calibration incomplete (OSError: no model): the ETA comes from row times"
+    assert all("ETA" in line for line in lines if line.startswith("["))
+
+
+# ---- the calibration's measurements on a tiny model ----
+
+def test_model_shape_counts_every_non_embedding_parameter(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.study.calibrate import model_shape
+
+    shape, tokenizer = model_shape(str(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = {id(p): p.numel() for p in model.parameters()}
+    total = sum(params.values()) - embed.numel() - (head.numel() if id(head) != id(embed) else 0)
+    assert len(shape.layers) == model.config.num_hidden_layers and shape.body == total
+    assert shape.head == head.numel() and tokenizer.pad_token is not None
+
+
+def test_planned_tokens_from_the_tokenized_data(tiny_llama_dir, tmp_path):
+    from tunelab.study.calibrate import measure_peak, model_shape, plan_rows
+
+    _, plans = tiny_plans(tmp_path, shared={"dataset_dir": "data", "max_source_length": 64,
+                                            "model_name_or_path": str(tiny_llama_dir)}, eval_every=1)
+    shape, tokenizer = model_shape(str(tiny_llama_dir))
+    planned = plan_rows(plans, shape, tokenizer)
+    base, lora = planned[plans[0].dir], planned[plans[1].dir]
+    assert base["train_tokens"] is None and base["flops"]["train"] == 0.0 and base["flops"]["generation"] > 0
+    assert lora["train_tokens"] > 0 and lora["flops"]["train"] > 0
+    # LoRA (1 epoch of 4 samples, batch 8 by default -> 1 step: no trajectory point before the last step)
+    assert lora["flops"]["scoring"] == pytest.approx(base["flops"]["scoring"])
+    assert measure_peak("fp32", seconds=0.05) > 0

@@ -1,0 +1,319 @@
+"""Study-level efficiency: the model FLOPs a study does, its MFU against the machine's measured matmul
+peak, each row's time split into train / likelihood scoring / generation, and the ETA the progress
+view gives before the first row ends. Pure over numbers and files; the measurements that need torch
+(peak, model shape, token counts of the data) are in tunelab/study/calibrate.py.
+
+FLOP formula (model FLOPs; the convention of bench/common.py, summed per matrix instead of per module):
+    N_body      parameters of the transformer layers (plus the final norm): every token's matmuls
+    N_head      hidden x vocab, the output projection (the embedding lookup costs no matmul FLOPs)
+    N_active    parameters of the layers at and above the lowest trainable layer: backward has to
+                pass input gradients down to it, and no further (LoRA/Freeze on the last layers stop
+                there; P-Tuning v2, LoRA on all layers and full fine-tuning reach layer 0)
+    N_trainable trainable parameters (trainable.json): their weight gradients
+  training, per (non-pad) token:  2 N_body forward + 2 N_active input grads + 2 N_trainable weight grads
+      (= 6 N for full fine-tuning of the body; the head is left out because tunelab computes logits
+       only at supervised positions and that count is not recorded: the figure is conservative)
+  likelihood scoring:  2 N_body x tokens scored (prompt + reference) + 2 N_head x reference tokens
+  generation:          2 N_body x (prompt + generated tokens) + 2 N_head x generated tokens
+Not counted, as in bench: attention's T^2 products, norms, activations, the optimizer.
+
+Study MFU = model FLOPs done / (study wall time x measured peak x devices). Wall time: the summed
+duration of the `tunelab study` sessions that ran it (efficiency.json), or the summed row times.
+
+Token counts a stage records are used when present (`{stage}_tokens_scored`: prompt + reference tokens
+through the likelihood pass; `{stage}_tokens_generated`: new tokens generated; trainer_state.json's
+`num_input_tokens_seen` for training); otherwise the planned counts from the tokenized data
+(calibrate.py), which for training are exact (data tokens x epochs) and for generation an upper bound
+(max_new_tokens per generated sample). Time split: `{stage}_scoring_runtime` and
+`{stage}_generation_runtime` when a stage records them, the rest of a stage's time is "other"
+(model loading, tokenizing); an eval stage without them counts as scoring when it did not generate,
+else as "eval_unsplit".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EFFICIENCY_FILE = "efficiency.json"
+ASSUMED_MFU = 0.3  # before any row has finished: a guess (training alone reaches ~0.65 on an AVX2 CPU)
+PARTS = ("train", "scoring", "generation", "eval_unsplit", "other")
+
+
+# ---- the FLOP formula ----
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts the FLOP formula needs (calibrate.model_shape measures them)."""
+
+    layers: tuple[int, ...]   # parameters of each transformer layer, bottom up
+    other_body: int = 0       # final norm and other non-embedding, non-head parameters
+    head: int = 0             # hidden x vocab
+
+    @property
+    def body(self) -> int:
+        return sum(self.layers) + self.other_body
+
+    def active(self, lowest_trainable_layer: int) -> int:
+        """N_active: the layers backward passes input gradients through."""
+        return sum(self.layers[max(lowest_trainable_layer, 0):]) + self.other_body
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelShape:
+        return cls(tuple(data["layers"]), data.get("other_body", 0), data.get("head", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "other_body": self.other_body, "head": self.head}
+
+
+def train_flops(shape: ModelShape, tokens: float, lowest_trainable_layer: int, trainable: int) -> float:
+    return 2.0 * tokens * (shape.body + shape.active(lowest_trainable_layer) + trainable)
+
+
+def scoring_flops(shape: ModelShape, tokens: float, reference_tokens: float) -> float:
+    return 2.0 * (shape.body * tokens + shape.head * reference_tokens)
+
+
+def generation_flops(shape: ModelShape, prompt_tokens: float, new_tokens: float) -> float:
+    return 2.0 * (shape.body * (prompt_tokens + new_tokens) + shape.head * new_tokens)
+
+
+def lowest_trainable_layer(finetuning_type: str, layers: list[int] | None) -> int:
+    """Where backward stops: the lowest trained layer; 0 for methods that train below every layer."""
+    if finetuning_type in ("full", "p_tuning") or not layers:
+        return 0
+    return min(layers)
+
+
+# ---- planned work (the ETA) ----
+
+@dataclass
+class EvalTokens:
+    """Token counts of one eval set as tokenized: what scoring and generation will process."""
+
+    samples: int
+    scored: int        # prompt + reference tokens, every sample
+    reference: int     # reference tokens, every sample
+    prompt: int        # prompt tokens, every sample
+    generated_samples: int
+    max_new_tokens: int
+
+    def flops(self, shape: ModelShape, generate: bool) -> tuple[float, float]:
+        """(scoring, generation) FLOPs; generation assumes every answer runs to max_new_tokens."""
+        score = scoring_flops(shape, self.scored, self.reference)
+        if not generate or self.samples == 0:
+            return score, 0.0
+        prompt = self.prompt * self.generated_samples / self.samples
+        return score, generation_flops(shape, prompt, self.generated_samples * self.max_new_tokens)
+
+
+def planned_row_flops(shape: ModelShape, train_tokens: float | None, lowest_layer: int, trainable: int,
+                      evals: list[tuple[EvalTokens, bool]], trajectory_points: int = 0) -> dict[str, float]:
+    """{train, scoring, generation} FLOPs of one row: its training (None for the base row), each eval set
+    (with or without generation) and `trajectory_points` likelihood-only evals of each set."""
+    out = {"train": train_flops(shape, train_tokens, lowest_layer, trainable) if train_tokens else 0.0,
+           "scoring": 0.0, "generation": 0.0}
+    for tokens, generate in evals:
+        score, gen = tokens.flops(shape, generate)
+        out["scoring"] += score * (1 + trajectory_points)
+        out["generation"] += gen
+    return out
+
+
+def train_steps(samples: int, batch: int, epochs: float) -> int:
+    """Optimizer steps of a training run (the Trainer rounds each epoch up, then scales fractional epochs)."""
+    per_epoch = math.ceil(samples / max(batch, 1))
+    return math.ceil(per_epoch * epochs)
+
+
+def eta_seconds(remaining_flops: float, peak_flops: float, mfu: float) -> float:
+    """Seconds left at `mfu` of the peak (FLOP/s, all devices together)."""
+    return remaining_flops / max(peak_flops * mfu, 1e-9)
+
+
+@dataclass
+class Budget:
+    """The study's planned FLOPs per row dir and the machine's peak: what the progress view's ETA uses.
+    While rows finish, the rate is the planned FLOPs of the rows finished this session per elapsed
+    second, so a formula that over- or under-counts some work cancels out of the ETA."""
+
+    planned: dict[str, float]           # row dir -> planned FLOPs (all stages)
+    peak_gflops: float                  # one device
+    precision: str
+    devices: int = 1
+    done: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak_gflops * 1e9 * self.devices
+
+    def start_line(self, todo: list[str]) -> str:
+        total = sum(self.planned.get(d, 0.0) for d in todo)
+        eta = eta_seconds(total, self.peak_flops, ASSUMED_MFU)
+        return (f"planned ≈ {total / 1e12:.1f} TFLOP; this machine's peak {self.peak_gflops:.0f} GFLOP/s "
+                f"({self.precision}{f' x {self.devices} devices' if self.devices > 1 else ''}); "
+                f"ETA ≈ {eta / 60:.0f} min (at an assumed {ASSUMED_MFU:.0%} MFU)")
+
+    def finished(self, row_dir: str) -> None:
+        self.done[row_dir] = self.planned.get(row_dir, 0.0)
+
+    def eta(self, todo: list[str], elapsed: float) -> tuple[float, float]:
+        """(seconds left, measured efficiency) with the rows not yet finished in `todo`."""
+        left = sum(self.planned.get(d, 0.0) for d in todo if d not in self.done)
+        done = sum(self.done.values())
+        mfu = done / max(elapsed * self.peak_flops, 1e-9) if done and elapsed > 0 else ASSUMED_MFU
+        return eta_seconds(left, self.peak_flops, mfu), mfu
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"planned_flops": self.planned, "peak_gflops": self.peak_gflops, "precision": self.precision,
+                "devices": self.devices}
+
+
+# ---- what was done (the report) ----
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def stage_split(stage: str, info: dict[str, Any], results: dict[str, Any]) -> dict[str, float]:
+    """One stage's seconds split into PARTS (module docstring)."""
+    seconds = _num(info.get("seconds")) or 0.0
+    if stage == "train":
+        return {"train": seconds}
+    if stage == "trajectory":
+        return {"scoring": seconds}
+    prefix = "predict" if any(k.startswith("predict_") for k in results) else "eval"
+    scoring, generation = (_num(results.get(f"{prefix}_{k}")) for k in ("scoring_runtime", "generation_runtime"))
+    if scoring is None and generation is None:
+        generated = prefix == "predict" or _num(results.get(f"{prefix}_generated_samples"))
+        return {"eval_unsplit": seconds} if generated else {"scoring": seconds}
+    scoring, generation = scoring or 0.0, generation or 0.0
+    return {"scoring": scoring, "generation": generation, "other": max(seconds - scoring - generation, 0.0)}
+
+
+def row_split(row_dir: Path, record: dict[str, Any]) -> dict[str, float]:
+    """A row's seconds per PART, summed over its stages (row.json and each eval stage's results)."""
+    out = dict.fromkeys(PARTS, 0.0)
+    for stage, info in record.get("stages", {}).items():
+        results = {} if stage in ("train", "trajectory") else (
+            _read_json(row_dir / stage / "predict_results.json") or _read_json(row_dir / stage / "eval_results.json"))
+        for part, seconds in stage_split(stage, info, results).items():
+            out[part] += seconds
+    return out
+
+
+def _trajectory_tokens(row_dir: Path) -> tuple[float, float]:
+    """(tokens scored, reference tokens) over the row's trajectory points, from their results / likelihood."""
+    scored = reference = 0.0
+    for point in (row_dir / "trajectory").glob("*/step-*"):
+        results = _read_json(point / "eval_results.json")
+        scored += _num(results.get("eval_tokens_scored")) or 0.0
+        reference += _likelihood_tokens(point)
+    return scored, reference
+
+
+def _likelihood_tokens(stage_dir: Path) -> float:
+    try:
+        lines = (stage_dir / "likelihood.jsonl").read_text(encoding="utf-8").splitlines()
+        return float(sum(json.loads(line).get("tokens", 0) for line in lines if line.strip()))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+
+
+def row_flops(row_dir: Path, record: dict[str, Any], shape: ModelShape, planned: dict[str, Any]) -> float | None:
+    """Model FLOPs a finished row did, from its files (recorded token counts) or its plan; None if unknown.
+    `planned`: the row's entry of efficiency.json ({"flops": {...}, "train_tokens": ...})."""
+    if record.get("status") != "done":
+        return None
+    flops = 0.0
+    stages = record.get("stages", {})
+    if "train" in stages:
+        state = _read_json(row_dir / "train" / "trainer_state.json")
+        trainable = _read_json(row_dir / "train" / "trainable.json")
+        tokens = _num(state.get("num_input_tokens_seen")) or _num(planned.get("train_tokens"))
+        if not tokens:
+            return None
+        lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
+        flops += train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0))
+    recorded = _recorded_eval_flops(row_dir, [s for s in stages if s not in ("train", "trajectory")], shape)
+    if recorded is None:
+        planned_flops = planned.get("flops") or {}
+        if not planned_flops:
+            return None
+        return flops + planned_flops.get("scoring", 0.0) + planned_flops.get("generation", 0.0)
+    return flops + recorded
+
+
+def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) -> float | None:
+    """Eval FLOPs from the token counts the stages recorded; None when any stage did not record them."""
+    total = 0.0
+    for stage in stages:
+        results = _read_json(row_dir / stage / "predict_results.json") or _read_json(row_dir / stage / "eval_results.json")
+        prefix = "predict" if any(k.startswith("predict_") for k in results) else "eval"
+        scored = _num(results.get(f"{prefix}_tokens_scored"))
+        if scored is None:
+            return None
+        reference = _likelihood_tokens(row_dir / stage)
+        total += scoring_flops(shape, scored, reference)
+        new = _num(results.get(f"{prefix}_tokens_generated")) or 0.0
+        n, gen = _num(results.get(f"{prefix}_likelihood_samples")), _num(results.get(f"{prefix}_generated_samples"))
+        prompt = (scored - reference) * (gen / n) if n and gen is not None else 0.0
+        total += generation_flops(shape, prompt, new) if new else 0.0
+    scored, reference = _trajectory_tokens(row_dir)
+    return total + scoring_flops(shape, scored, reference)
+
+
+@dataclass
+class StudyEfficiency:
+    """What the report states: totals, MFU and each row's time split."""
+
+    flops: float | None
+    wall_seconds: float
+    peak_gflops: float | None
+    precision: str | None
+    devices: int
+    rows: list[tuple[str, dict[str, float], float | None]]  # (row dir, seconds per part, FLOPs)
+
+    @property
+    def mfu(self) -> float | None:
+        if not self.flops or not self.peak_gflops or self.wall_seconds <= 0:
+            return None
+        return self.flops / (self.wall_seconds * self.peak_gflops * 1e9 * self.devices)
+
+    def totals(self) -> dict[str, float]:
+        return {part: sum(split[part] for _, split, _ in self.rows) for part in PARTS}
+
+
+def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEfficiency | None:
+    """The study's efficiency from efficiency.json and the row files; None when no row has run."""
+    meta = _read_json(study_dir / EFFICIENCY_FILE)
+    calibration = meta.get("calibration") or {}
+    shape = ModelShape.from_dict(calibration["model"]) if calibration.get("model") else None
+    rows, flops, known = [], 0.0, True
+    for entry in entries:
+        record = _read_json(study_dir / entry["dir"] / "row.json")
+        if not record.get("stages"):
+            continue
+        row_dir = study_dir / entry["dir"]
+        f = row_flops(row_dir, record, shape, (calibration.get("rows") or {}).get(entry["dir"], {})) if shape else None
+        rows.append((entry["dir"], row_split(row_dir, record), f))
+        if record.get("status") == "done":
+            known = known and f is not None
+            flops += f or 0.0
+    if not rows:
+        return None
+    sessions = [s.get("seconds", 0.0) for s in meta.get("sessions", [])]
+    wall = sum(sessions) if sessions else sum(sum(split.values()) for _, split, _ in rows)
+    return StudyEfficiency(flops if known and shape else None, wall, calibration.get("peak_gflops"),
+                           calibration.get("precision"), int(calibration.get("devices") or 1), rows)
