@@ -70,9 +70,16 @@ def test_report_shows_trajectories_forgotten_samples_and_efficiency(tmp_path):
     assert "**r1 lora_qkv (seed 42): top 2 of 3 general samples" in md and "## Efficiency" in md
 
 
+def _older_run(args):
+    """fake_run as a tunelab before per-sample likelihood files: no likelihood.jsonl."""
+    metrics = fake_run(args)
+    (Path(args.training.output_dir) / "likelihood.jsonl").unlink(missing_ok=True)
+    return metrics
+
+
 def test_an_older_study_without_the_new_files_still_reports(tmp_path):
     _, plans = tiny_plans(tmp_path)
-    run_study(plans, tmp_path, run_fn=fake_run, log=_quiet)  # no likelihood files, no calibration
+    run_study(plans, tmp_path, run_fn=_older_run, log=_quiet)  # no likelihood files, no calibration
     build_report(tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "What was forgotten" not in page and "along training" not in page

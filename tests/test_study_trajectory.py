@@ -57,11 +57,14 @@ def trajectory_run(args) -> dict:
         return metrics
     step = _step_of(args)
     persona = "persona" in str(out)
-    write_likelihood(out, [2.0 - 0.1 * step if persona else 2.0 + 0.05 * step] * 3)
+    metrics = {"eval_nll": 2.0}
+    out.mkdir(parents=True, exist_ok=True)
     if args.training.do_eval:
-        (out / "eval_results.json").write_text(json.dumps({"eval_nll": 2.0}), encoding="utf-8")
-        return {"eval_nll": 2.0}
-    return fake_run(args)
+        (out / "eval_results.json").write_text(json.dumps(metrics), encoding="utf-8")
+    else:
+        metrics = fake_run(args)  # its own likelihood.jsonl is replaced below
+    write_likelihood(out, [2.0 - 0.1 * step if persona else 2.0 + 0.05 * step] * 3)
+    return metrics
 
 
 class FailAt:
@@ -183,7 +186,10 @@ def test_paired_values_per_measure():
 
 
 def test_no_likelihood_files_no_paths(tmp_path):
-    from test_study_fakes import fake_run as plain
+    def plain(args):  # a stage of a tunelab before likelihood.jsonl
+        metrics = fake_run(args)
+        (Path(args.training.output_dir) / "likelihood.jsonl").unlink(missing_ok=True)
+        return metrics
 
     _, plans = tiny_plans(tmp_path)
     run_study(plans, tmp_path, run_fn=plain, log=_quiet)
