@@ -58,6 +58,7 @@ class Parser(argparse.ArgumentParser):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(underscored(args, self._option_string_actions), namespace)
 
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tunelab.train:main", "Fine-tune (or --do_eval / --do_predict) with the 2023 toolkit's flags."),
     "eval": ("tunelab.train:main_eval", "Score a model/checkpoint: loss, BLEU-4, ROUGE-1/2/L."),

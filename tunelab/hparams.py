@@ -2,11 +2,11 @@
 reads them.
 
 Options come from the command line, a YAML/JSON config file (`tunelab train examples/train_lora.yaml
---learning_rate 1e-4`: flags override the file), or a dict (the study runner). All three go through the same argparse parser, so the
-same names, defaults, help and errors apply everywhere. The 2023 toolkit's flag names are ours; HF's
-`Seq2SeqTrainingArguments` supplies the training flags (`--output_dir`, `--learning_rate`, ...).
-A front end with flags of its own (serve, webui, export) adds one dataclass of them and parses with
-`parse_with`, so its `--help` lists its flags and every option here.
+--learning_rate 1e-4`: flags override the file), or a dict (the study runner). All three go through the
+same argparse parser, so the same names, defaults, help and errors apply everywhere. The 2023 toolkit's
+flag names are ours; HF's `Seq2SeqTrainingArguments` supplies the training flags (`--output_dir`,
+`--learning_rate`, ...). A front end with flags of its own (serve, webui, export) adds one dataclass of
+them and parses with `parse_with`, so its `--help` lists its flags and every option here.
 
     from tunelab.hparams import parse_args
     args = parse_args(["--do_train", "--dataset", "alpaca_gpt4_en", "--output_dir", "runs/x"])

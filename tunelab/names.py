@@ -1,5 +1,5 @@
 """Names that several modules share, defined once: the 2023 metric keys, the option group that decides how
-a prompt is written, and the files a run and a study leave. Constants only and no imports, so pure modules
+a prompt is written, and the files a run and a study leave. Plain values and no imports, so pure modules
 (the study report) and heavy ones (training) read the same names without pulling each other in.
 
     from tunelab.names import METRIC_KEYS, PLAN_FILE, results_file
