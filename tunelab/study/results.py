@@ -284,20 +284,30 @@ def paired_samples(study_dir: Path, runs: list[RunResult], roles: dict[str, str]
         return out
     sets = {role: next((n for n, r in roles.items() if r == role), None) for role in ("style", "retention")}
     for eval_set in {s for s in sets.values() if s}:
-        base_values, base_labels = run_samples(study_dir, base, eval_set)
+        columns = [c for c, (role, _, _) in PAIRED.items() if sets[role] == eval_set]
+        base_samples = run_samples(study_dir, base, eval_set)
         for run in (r for r in runs if r.status == "done"):
-            values, labels = (base_values, base_labels) if run is base else run_samples(study_dir, run, eval_set)
-            for column, (role, measure, sign) in PAIRED.items():
-                if sets[role] != eval_set or measure not in values:
-                    continue
-                # KL is already a divergence from the base model: the base's own is 0 where it has none
-                base_m = base_values.get(measure) or (dict.fromkeys(values[measure], 0.0) if measure == "kl" else None)
-                if base_m is None:
-                    continue
-                diff = paired_difference(values[measure], base_m, sign, labels, base_labels)
-                if diff is not None:
-                    out.setdefault(column, {})[run.dir] = diff
-                    _set_point(run, column, list(diff.values()))
+            samples = base_samples if run is base else run_samples(study_dir, run, eval_set)
+            for column, diff in _pair_run(samples, base_samples, columns).items():
+                out.setdefault(column, {})[run.dir] = diff
+                _set_point(run, column, list(diff.values()))
+    return out
+
+
+def _pair_run(samples: tuple[dict[str, Samples], dict[int, str]], base: tuple[dict[str, Samples], dict[int, str]],
+              columns: list[str]) -> dict[str, Samples]:
+    """column -> one run's per-sample difference from the base run on one eval set."""
+    (values, labels), (base_values, base_labels) = samples, base
+    out = {}
+    for column in columns:
+        _, measure, sign = PAIRED[column]
+        if measure not in values:
+            continue
+        # KL is already a divergence from the base model: the base's own is 0 where it has none
+        base_m = base_values.get(measure) or (dict.fromkeys(values[measure], 0.0) if measure == "kl" else None)
+        diff = None if base_m is None else paired_difference(values[measure], base_m, sign, labels, base_labels)
+        if diff is not None:
+            out[column] = diff
     return out
 
 
@@ -361,8 +371,9 @@ def check_measures(study_dir: str | Path, row_dirs: list[str], roles: dict[str, 
             more = f" and {len(lacking) - 1} more finished rows" if len(lacking) > 1 else ""
             raise TunelabError(
                 f"decide_on: {role}: {measure} needs per-sample {measure} in every finished row, but "
-                f"{lacking[0]}/{eval_set}{more} has none (scored by an older tunelab): valid for this study dir: "
-                f"{', '.join(have) or 'none'}; set decide_on to one of them, or use a new --output_dir")
+                f"{lacking[0]}/{eval_set}{more} has none (scored by an older tunelab, or kl without the base "
+                f"log-probs): valid for this study dir: {', '.join(have) or 'none'}; set decide_on to one of them, "
+                f"or use a new --output_dir")
 
 
 # ---- aggregation and derived columns ----
