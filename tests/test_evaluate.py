@@ -13,8 +13,8 @@ from tunelab.hparams import TunelabError, parse_args
 from tunelab.methods import method_names
 from tunelab.train import run
 
-TRAIN = {  # a few flags per method (the rest run with their defaults)
-    "lora": ["--lora_target", "qkv"], "freeze": ["--num_layer_trainable", "1"], "p_tuning": ["--pre_seq_len", "4"]}
+TRAIN = {"lora": ["--lora_target", "qkv"], "freeze": ["--num_layer_trainable", "1"], "p_tuning": ["--pre_seq_len", "4"],
+         "full": []}
 
 
 def _train(model_dir, data_dir, out, method):
@@ -199,3 +199,11 @@ def test_generation_subset_is_strictly_increasing():
 def test_eval_counts_must_be_positive(flag):
     with pytest.raises(TunelabError, match=f"{flag} must be an integer >= 1"):
         parse_args(["--do_eval", "--output_dir", "x", flag, "0"])
+
+
+def test_a_full_checkpoint_drifts_from_its_recorded_base(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """A full checkpoint is loaded as the model itself: the base pass must load the base it was trained from
+    (kl > 0), not score the checkpoint against itself."""
+    ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "full")
+    results = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "eval", "--checkpoint_dir", str(ckpt))))
+    assert results["predict_kl"] > 1e-4
