@@ -30,7 +30,7 @@ from typing import Any
 
 from tunelab import distributed
 from tunelab.hparams import Args
-from tunelab.names import PREDICTIONS_FILE
+from tunelab.names import LIKELIHOOD_FILE, PREDICTIONS_FILE
 from tunelab.setup import apply_checkpoints, autocast, decoding_record, resolve_precision, setup_base
 
 logger = logging.getLogger(__name__)
@@ -122,19 +122,27 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
     from tunelab.metrics import score_corpus
 
     start = time.time()
+    tokens_scored = 0  # tokens this call ran through the model (the study's efficiency figures)
     if is_base and base is not None:
-        scores = base.scores()
+        scores = base.scores()  # the base pass just computed (or cached) these
     else:
         scores, _ = sample_likelihoods(model, dataset, tokenizer, args, base=None if is_base else base)
         scores = scores.with_zero_kl() if is_base else scores
+        tokens_scored = sum(len(ids) for ids in dataset["full_input_ids"])
     agg = likelihood.aggregate(scores)
     metrics: dict[str, Any] = {"loss": agg["nll"], **agg,
-                               "kl_topk_mass": None if base is None else round(base.covered_mass(), 6)}
+                               "kl_topk_mass": None if base is None else round(base.covered_mass(), 6),
+                               "tokens_scored": tokens_scored, "scoring_runtime": round(time.time() - start, 3)}
     scored = Scored(metrics, likelihood.records(scores))
     if generate:
+        generation_start = time.time()
         scored.indices = generation_subset(len(dataset), args.generation.max_generate_samples)
         subset = dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset
         scored.predictions = predict(model, tokenizer, subset, args)
+        metrics["generation_runtime"] = round(time.time() - generation_start, 3)
+        # new tokens, counted by re-encoding the answers (the end token is not in them)
+        metrics["tokens_generated"] = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                          for p in scored.predictions)
         metrics.update(score_corpus(scored.predictions, list(subset["label"])))
         metrics["generated_samples"] = len(scored.indices)
     metrics["samples"] = len(dataset)
@@ -154,7 +162,7 @@ def write_predictions(path: Path, dataset, preds: list[str], indices: list[int])
 
 def write_scored(out: Path, stage: str, scored: Scored, dataset) -> None:
     """likelihood.jsonl, and generated_predictions.jsonl for predict."""
-    from tunelab.likelihood import LIKELIHOOD_FILE, write_records
+    from tunelab.likelihood import write_records
 
     write_records(out / LIKELIHOOD_FILE, scored.likelihood)
     if scored.predictions is not None and stage == "predict":

@@ -40,8 +40,6 @@ from typing import Any
 import torch
 
 from tunelab.cross_entropy import CHUNK_ELEMENTS
-from tunelab.names import LIKELIHOOD_FILE  # noqa: F401  (the file this module's records go to)
-
 
 
 @dataclass

@@ -82,8 +82,11 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab.setup import setup_model, training_args
     from tunelab.trainer import TunelabTrainer
 
-    if args.finetune.finetuning_type == "none":
-        raise TunelabError("finetuning_type none trains nothing: use it with --do_eval or --do_predict")
+    from tunelab.methods import get_method
+
+    if not get_method(args.finetune.finetuning_type).trains:
+        raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
+                           "--do_predict")
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     training, _ = distributed.setup(training_args(args))

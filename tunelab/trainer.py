@@ -87,7 +87,7 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
         switched off, no autocast, DeepSpeed / FSDP (their engines own parameter dtypes), full fine-tuning
         (nothing frozen that a saved checkpoint would not contain)."""
         if not self.speedups.cast_frozen_weights or self.is_deepspeed_enabled or self.is_fsdp_enabled \
-                or self.method_info.finetuning_type == "full":
+                or methods.get_method(self.method_info.finetuning_type).whole_model:
             return None
         return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
 

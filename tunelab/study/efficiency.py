@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.study.files import read_json_object, stage_results
+
 EFFICIENCY_FILE = "efficiency.json"
 ASSUMED_MFU = 0.3  # before any row has finished: a guess (training alone reaches ~0.65 on an AVX2 CPU)
 PARTS = ("train", "scoring", "generation", "eval_unsplit", "other")
@@ -174,12 +176,6 @@ class Budget:
 
 # ---- what was done (the report) ----
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _num(value: Any) -> float | None:
@@ -207,7 +203,7 @@ def row_split(row_dir: Path, record: dict[str, Any]) -> dict[str, float]:
     out = dict.fromkeys(PARTS, 0.0)
     for stage, info in record.get("stages", {}).items():
         results = {} if stage in ("train", "trajectory") else (
-            _read_json(row_dir / stage / "predict_results.json") or _read_json(row_dir / stage / "eval_results.json"))
+            stage_results(row_dir / stage))
         for part, seconds in stage_split(stage, info, results).items():
             out[part] += seconds
     return out
@@ -217,7 +213,7 @@ def _trajectory_tokens(row_dir: Path) -> tuple[float, float]:
     """(tokens scored, reference tokens) over the row's trajectory points, from their results / likelihood."""
     scored = reference = 0.0
     for point in (row_dir / "trajectory").glob("*/step-*"):
-        results = _read_json(point / "eval_results.json")
+        results = read_json_object(point / "eval_results.json")
         scored += _num(results.get("eval_tokens_scored")) or 0.0
         reference += _likelihood_tokens(point)
     return scored, reference
@@ -239,8 +235,8 @@ def row_flops(row_dir: Path, record: dict[str, Any], shape: ModelShape, planned:
     flops = 0.0
     stages = record.get("stages", {})
     if "train" in stages:
-        state = _read_json(row_dir / "train" / "trainer_state.json")
-        trainable = _read_json(row_dir / "train" / "trainable.json")
+        state = read_json_object(row_dir / "train" / "trainer_state.json")
+        trainable = read_json_object(row_dir / "train" / "trainable.json")
         tokens = _num(state.get("num_input_tokens_seen")) or _num(planned.get("train_tokens"))
         if not tokens:
             return None
@@ -259,7 +255,7 @@ def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) ->
     """Eval FLOPs from the token counts the stages recorded; None when any stage did not record them."""
     total = 0.0
     for stage in stages:
-        results = _read_json(row_dir / stage / "predict_results.json") or _read_json(row_dir / stage / "eval_results.json")
+        results = stage_results(row_dir / stage)
         prefix = "predict" if any(k.startswith("predict_") for k in results) else "eval"
         scored = _num(results.get(f"{prefix}_tokens_scored"))
         if scored is None:
@@ -297,12 +293,12 @@ class StudyEfficiency:
 
 def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEfficiency | None:
     """The study's efficiency from efficiency.json and the row files; None when no row has run."""
-    meta = _read_json(study_dir / EFFICIENCY_FILE)
+    meta = read_json_object(study_dir / EFFICIENCY_FILE)
     calibration = meta.get("calibration") or {}
     shape = ModelShape.from_dict(calibration["model"]) if calibration.get("model") else None
     rows, flops, known = [], 0.0, True
     for entry in entries:
-        record = _read_json(study_dir / entry["dir"] / "row.json")
+        record = read_json_object(study_dir / entry["dir"] / "row.json")
         if not record.get("stages"):
             continue
         row_dir = study_dir / entry["dir"]

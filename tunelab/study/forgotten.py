@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.study.trajectory import LIKELIHOOD_FILE, read_likelihood
+from tunelab.names import LIKELIHOOD_FILE
+from tunelab.study.trajectory import read_likelihood
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 TOP = 5

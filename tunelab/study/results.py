@@ -43,6 +43,7 @@ from tunelab.names import (LIKELIHOOD_FILE, METRIC_KEYS, PLAN_FILE, PREDICTIONS_
                            results_file)
 from tunelab.plotting import loss_points
 from tunelab.study import stats
+from tunelab.study.files import read_json_object, read_jsonl, stage_results
 from tunelab.study.spec import MEASURES
 
 METRICS = METRIC_KEYS
@@ -143,18 +144,12 @@ class Study:
 
 # ---- reading a study dir ----
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_study(study_dir: str | Path) -> Study:
     """Every row of a study dir, aggregated over seeds, with derived columns against row 0."""
     study_dir = Path(study_dir)
-    plan = _read_json(study_dir / PLAN_FILE)
+    plan = read_json_object(study_dir / PLAN_FILE)
     if not plan.get("rows"):
         raise TunelabError(f"{study_dir} is not a study directory (no plan.json with rows): "
                            "run `tunelab study SPEC.yaml` first")
@@ -171,17 +166,17 @@ def read_study(study_dir: str | Path) -> Study:
 def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> RunResult:
     """One (row, seed) from its row.json and stage dirs; missing files leave columns out."""
     row_dir = study_dir / entry["dir"]
-    record = _read_json(row_dir / ROW_FILE)
+    record = read_json_object(row_dir / ROW_FILE)
     run = RunResult(id=entry["id"], name=entry["name"], seed=entry["seed"], labels=entry.get("labels", {}),
                     dir=entry["dir"], status=record.get("status", "pending"), error=record.get("error"))
-    trainable = _read_json(row_dir / "train" / TRAINABLE_FILE)
-    train = _read_json(row_dir / "train" / results_file("train"))
+    trainable = read_json_object(row_dir / "train" / TRAINABLE_FILE)
+    train = read_json_object(row_dir / "train" / results_file("train"))
     for column, value in (("trainable_params", trainable.get("trainable_params")),
                           ("trainable_percent", trainable.get("trainable_percent")),
                           ("train_loss", train.get("train_loss")), ("train_runtime", train.get("train_runtime"))):
         if isinstance(value, (int, float)):
             run.values[column] = float(value)
-    state = _read_json(row_dir / "train" / TRAINER_STATE_FILE)
+    state = read_json_object(row_dir / "train" / TRAINER_STATE_FILE)
     run.loss_curve = list(zip(*loss_points(state.get("log_history", []))))
     for name in eval_sets:
         _read_eval(run, row_dir / name, name, f"{entry['dir']}/{name}")
@@ -189,7 +184,7 @@ def read_run(study_dir: Path, entry: dict[str, Any], eval_sets: list[str]) -> Ru
 
 
 def _read_eval(run: RunResult, stage_dir: Path, name: str, rel: str) -> None:
-    results = _read_json(stage_dir / results_file("predict")) or _read_json(stage_dir / results_file("eval"))
+    results = stage_results(stage_dir)
     for key in (*METRICS, *LIKELIHOOD_KEYS):
         value = next((v for p in ("predict_", "eval_") if isinstance(v := results.get(p + key), (int, float))), None)
         if value is not None:
@@ -205,21 +200,6 @@ def _read_eval(run: RunResult, stage_dir: Path, name: str, rel: str) -> None:
 Samples = dict[int, float]  # eval sample index -> value
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                return []  # a half-written file: no per-sample data rather than wrong pairs
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
 
 
 def _index(row: dict[str, Any], position: int) -> int:
@@ -232,7 +212,7 @@ def read_likelihood(path: Path) -> dict[str, Samples]:
     index, tokens, nll, kl). A null value (a sample without response tokens; kl without the base
     model's log-probs) leaves that sample out of that measure; a measure with no value is left out."""
     out: dict[str, Samples] = {"nll": {}, "kl": {}}
-    for position, row in enumerate(_jsonl(path)):
+    for position, row in enumerate(read_jsonl(path)):
         for measure, samples in out.items():
             value = row.get(measure)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -246,7 +226,7 @@ def sample_scores(path: Path) -> dict[int, tuple[str, float]] | None:
         from tunelab.metrics import score_pair
     except ImportError:
         return None
-    rows = _jsonl(path)
+    rows = read_jsonl(path)
     if not rows or not all(isinstance(r.get("predict"), str) and isinstance(r.get("label"), str) for r in rows):
         return None
     return {_index(r, i): (r["label"], statistics.fmean(score_pair(r["predict"], r["label"]).values()))
@@ -360,7 +340,7 @@ def check_measures(study_dir: str | Path, row_dirs: list[str], roles: dict[str, 
     else its rows were scored another way (an older tunelab wrote no likelihood.jsonl) and the verdicts
     would mix measures. One-line TunelabError naming the key and the measures these rows do have."""
     study_dir = Path(study_dir)
-    done = [d for d in row_dirs if _read_json(study_dir / d / "row.json").get("status") == "done"]
+    done = [d for d in row_dirs if read_json_object(study_dir / d / "row.json").get("status") == "done"]
     for role, measure in decide_on.items():
         eval_set = next((n for n, r in roles.items() if r == role), None)
         if eval_set is None or not done:

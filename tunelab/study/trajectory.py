@@ -23,7 +23,6 @@ BLEU/ROUGE needs generation, which trajectory points skip: a `bleu_rouge` measur
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 from collections.abc import Callable
@@ -31,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.names import LIKELIHOOD_FILE
+from tunelab.study.files import read_json_object, read_jsonl
+
 TRAJECTORY_DIR = "trajectory"
 POINT_RESULTS = "eval_results.json"
-LIKELIHOOD_FILE = "likelihood.jsonl"
 TRAJECTORY_MEASURES = ("nll", "kl")  # what a point without generation can measure
 DEFAULT_DECIDE_ON = {"style": "nll", "retention": "nll"}
 
@@ -51,7 +52,7 @@ def checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
 
 def final_step(train_dir: Path) -> int | None:
     """The optimizer step the finished training ended on (trainer_state.json's global_step)."""
-    state = _read_json(train_dir / "trainer_state.json")
+    state = read_json_object(train_dir / "trainer_state.json")
     step = state.get("global_step")
     if isinstance(step, int):
         return step
@@ -99,22 +100,15 @@ def run_points(evals: dict[str, dict[str, Any]], row_dir: Path, run_stage: Calla
 
 # ---- reading them back (the report) ----
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_likelihood(path: Path) -> dict[int, dict[str, Any]] | None:
-    """likelihood.jsonl as {sample index: record}; None when the file is missing or unreadable."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        return {int(r["index"]): r for r in records}
-    except (OSError, ValueError, KeyError, TypeError):
+    """likelihood.jsonl as {sample index: record} (records without an index in line order); None when the
+    file is missing or unreadable."""
+    records = read_jsonl(path)
+    if not records:
         return None
+    return {r["index"] if isinstance(r.get("index"), int) else i: r for i, r in enumerate(records)}
 
 
 def paired_value(measure: str, role: str, base: dict[int, dict], row: dict[int, dict]) -> float | None:
