@@ -172,3 +172,14 @@ def test_planned_tokens_from_the_tokenized_data(tiny_llama_dir, tmp_path):
     # LoRA (1 epoch of 4 samples, batch 8 by default -> 1 step: no trajectory point before the last step)
     assert lora["flops"]["scoring"] == pytest.approx(base["flops"]["scoring"])
     assert measure_peak("fp32", seconds=0.05) > 0
+
+
+def test_study_precision_follows_the_machine(monkeypatch):
+    """The real calibration's precision choice (it imports tunelab's CPU check: a moved function fails here)."""
+    from tunelab import setup
+    from tunelab.study.calibrate import study_precision
+
+    assert study_precision({"bf16": False}) == "fp32"
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert study_precision({}) == expected

@@ -63,7 +63,7 @@ def study_precision(cfg: dict[str, Any]) -> str:
         return "bf16" if cfg.get("bf16") or cfg.get("fp16") else "fp32"
     if cfg.get("bf16") is False:
         return "fp32"
-    from tunelab.train import cpu_has_fast_bf16
+    from tunelab.setup import cpu_has_fast_bf16
 
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
