@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         reexec_under_allocator()  # a no-op under TUNELAB_ALLOCATOR=system (the orchestrator decides)
         cfg = json.loads(args.worker)
         before = speed_probe()
-        result = train(cfg["rows"], cfg["steps"], cfg["warmup"], bf16=cfg.get("bf16", True))
+        from tunelab.cpu import cpu_has_fast_bf16  # fp32 on CPUs without fast bf16 (and under --emulate avx2)
+
+        result = train(cfg["rows"], cfg["steps"], cfg["warmup"], bf16=cfg.get("bf16", cpu_has_fast_bf16()))
         emit({**cfg, **result, "allocator": active_allocator(), "probe_gflops": [before, speed_probe()]})
         return 0
     result = train(args.rows, args.steps, args.warmup)

@@ -265,7 +265,10 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from tunelab.cpu import cpu_class, cpu_flags, emulated
+
+    return {"cpu": cpu, "cpu_class": cpu_class(emulation=emulated()), "cpu_flags": cpu_flags(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

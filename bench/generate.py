@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def worker(cfg: dict[str, Any]) -> None:
 
 
 def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
-    print(f"\n{info['date']}  {info['cpu']}, {info['cores']} cores, torch {info['torch']}; greedy, "
+    print(f"\n{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; greedy, "
           f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
     head = f"{'batch':>6}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x batch 1':>11}" \
            f"{'same as b1':>12}" \
@@ -93,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ab", action="store_true",
                         help="also run every batch size without casting the weights once (autocast per call)")
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of the resolved precision (bf16 autocast)")
+    parser.add_argument("--emulate", help="measure as a CPU of this class on a bigger one: avx2 (tunelab/cpu.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.emulate:  # before any worker starts: they load torch under these kernel limits
+        from tunelab.cpu import emulation_env
+
+        os.environ.update(emulation_env(args.emulate))
     if args.worker:
         worker(json.loads(args.worker))
         return 0

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ def summarize(results: list[dict[str, Any]], peaks: dict[str, float]) -> list[di
 
 
 def print_table(lines: list[dict[str, Any]], peaks: dict[str, float], info: dict[str, Any]) -> None:
-    print(f"\n{info['date']}  {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+    print(f"\n{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']} "
           f"({info['torch_threads']} threads), load avg at start {info['load_avg'][0]:.2f}")
     print(f"matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s; probe = bf16 "
           "GFLOP/s of a 1024^3 matmul in the row's process before/after training (how much of the shared "
@@ -262,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workload", choices=["natural", "full256"], default="natural",
                         help="natural: rows cut at 256 tokens, padded per batch; full256: only rows of 256 tokens")
+    parser.add_argument("--emulate", help="measure as a CPU of this class on a bigger one: avx2 (tunelab/cpu.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where rows and result JSON go")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration as JSON (subprocess call)
     args = parser.parse_args(argv)
+    if args.emulate:  # before any worker starts: they load torch under these kernel limits
+        from tunelab.cpu import emulation_env
+
+        os.environ.update(emulation_env(args.emulate))
     if args.worker:
         worker(json.loads(args.worker))
         return 0

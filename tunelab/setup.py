@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.cpu import cpu_has_fast_bf16  # noqa: F401  (part of the set-up API; tests swap it here)
 from tunelab.hparams import Args, DataArguments, ModelArguments
 from tunelab.names import PROMPT_OPTIONS
 
@@ -30,14 +31,6 @@ INHERITED = PROMPT_OPTIONS
 
 
 # ---- precision ----
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU does bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
 
 def resolve_precision(args: Args):
     """The training options with the precision this machine can run: unchanged on a GPU. fp16 needs a
