@@ -72,7 +72,8 @@ def end_session(study_dir: Path, progress: Progress) -> None:
     if progress.total == 0:
         return
     data = _read(study_dir)
-    data.setdefault("sessions", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(progress.start)),
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(progress.start))
+    data.setdefault("sessions", []).append({"started": started,
                                             "seconds": round(time.time() - progress.start, 1), "rows": progress.done})
     _write(study_dir, data)
 

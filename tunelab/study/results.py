@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from tunelab.errors import TunelabError
-from tunelab.names import (LIKELIHOOD_FILE, METRIC_KEYS, PLAN_FILE, PREDICTIONS_FILE, ROW_FILE, TRAINABLE_FILE, TRAINER_STATE_FILE,
-                           results_file)
+from tunelab.names import (LIKELIHOOD_FILE, METRIC_KEYS, PLAN_FILE, PREDICTIONS_FILE, ROW_FILE, TRAINABLE_FILE,
+                           TRAINER_STATE_FILE, results_file)
 from tunelab.plotting import loss_points
 from tunelab.study import stats
 from tunelab.study.files import read_json_object, read_jsonl, stage_results
