@@ -233,3 +233,14 @@ def test_select_rows_keeps_the_base_row_and_rejects_unknown_ids():
     assert [p.id for p in select_rows(plans, [2])] == [0, 2]
     with pytest.raises(TunelabError, match="no row 9"):
         select_rows(plans, [9])
+
+
+def test_set_seeds_replaces_the_seed_list_at_every_scale():
+    spec = parse_spec(tiny_spec_dict(seeds=[1, 2], scales={"quick": {"seeds": [3]}}))
+    spec = override_shared(spec, {"seeds": [7], "target_match": "legacy"})
+    for scale in (None, "quick"):
+        plans = expand(spec, scale, "study")
+        assert {p.seed for p in plans if p.id != 0} == {7}
+        assert all(p.train["target_match"] == "legacy" for p in plans if p.train)
+    with pytest.raises(TunelabError, match="--set seeds"):
+        override_shared(spec, {"seeds": "x"})

@@ -369,7 +369,13 @@ def apply_scale(spec: Spec, scale: str | None) -> Spec:
 
 
 def override_shared(spec: Spec, overrides: dict[str, Any]) -> Spec:
-    """`--set key=value` from the command line: options for every stage of every row."""
+    """`--set key=value` from the command line: options for every stage of every row, and `seeds=[7]`,
+    which replaces the spec's seed list at every scale (a rerun with other seeds, same everything else)."""
+    overrides = dict(overrides)
+    if "seeds" in overrides:
+        seeds = _seeds(overrides.pop("seeds"), "--set seeds")
+        scales = {name: {k: v for k, v in over.items() if k != "seeds"} for name, over in spec.scales.items()}
+        spec = replace(spec, seeds=seeds, scales=scales)
     return replace(spec, shared={**spec.shared, **_options(overrides, "--set")})
 
 
