@@ -73,9 +73,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: tunelab <command> [options]   (tunelab <command> --help for its options)", "", "commands:"]
+    lines = ["usage: tunelab <command> [options]   (tunelab <command> --help for its options)",
+             "       tunelab --version", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    import platform
+
+    from tunelab import __version__
+
+    return f"tunelab {__version__} (python {platform.python_version()})"
 
 
 def _resolve(target: str):
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(_version())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -20,6 +20,7 @@ PREDICTIONS_FILE = "generated_predictions.jsonl"  # one JSON object per generate
 LIKELIHOOD_FILE = "likelihood.jsonl"  # one JSON object per eval sample: index, tokens, nll, kl (eval, predict)
 TRAINABLE_FILE = "trainable.json"  # what the method trains (parameter counts, module names)
 TRAINER_STATE_FILE = "trainer_state.json"  # HF Trainer's log history
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"  # a P-Tuning v2 checkpoint's trained prefix (tunelab/prefix.py)
 
 
 def results_file(stage: str) -> str:

@@ -26,17 +26,17 @@ from tunelab.hparams import Args, TunelabError, check_stage, parse_args
 logger = logging.getLogger(__name__)
 
 
-def main(argv: list[str]) -> int:
-    run(parse_args(argv))
+def main(argv: list[str], prog: str = "tunelab train") -> int:
+    run(parse_args(argv, prog=prog))
     return 0
 
 
 def main_eval(argv: list[str]) -> int:
-    return main(_with_stage(argv, "--do_eval"))
+    return main(_with_stage(argv, "--do_eval"), prog="tunelab eval")
 
 
 def main_predict(argv: list[str]) -> int:
-    return main(_with_stage(argv, "--do_predict"))
+    return main(_with_stage(argv, "--do_predict"), prog="tunelab predict")
 
 
 def _with_stage(argv: list[str], flag: str) -> list[str]:
