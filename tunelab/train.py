@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,7 @@ def run_train(args: Args) -> dict[str, Any]:
     tokenizer.padding_side = "right"
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "train")
+    args = _with_plot_logging(args, len(dataset))
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
     model, info = methods.prepare_model(model, args.finetune)
     if distributed.is_main():
@@ -114,8 +117,48 @@ def run_train(args: Args) -> dict[str, Any]:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    if args.finetune.plot_loss and distributed.is_main():
-        from tunelab.plotting import plot_loss
+    if distributed.is_main():
+        if args.finetune.plot_loss:
+            from tunelab.plotting import plot_loss
 
-        plot_loss(out)
+            plot_loss(out)
+        print(finished_message(out, args), flush=True)
     return metrics
+
+
+def _with_plot_logging(args: Args, rows: int) -> Args:
+    """With --plot_loss and no --logging_steps given, log often enough that a short run draws a curve."""
+    if not args.finetune.plot_loss or "logging_steps" in args.explicit:
+        return args
+    from tunelab.plotting import logging_steps_for
+
+    t = args.training
+    batches = math.ceil(rows / (t.per_device_train_batch_size * max(1, t.world_size)))
+    per_epoch = max(1, batches // t.gradient_accumulation_steps)  # optimizer steps, as HF's Trainer counts them
+    planned = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    steps = logging_steps_for(planned, t.logging_steps)
+    if steps == t.logging_steps:
+        return args
+    return dataclasses.replace(args, training=dataclasses.replace(t, logging_steps=steps))
+
+
+def next_command(out: Path, args: Args) -> str:
+    """The predict command that scores the run just trained: on the test split of its data set where
+    dataset_info.json has one (`x_train` -> `x_test`), else on its own data set."""
+    from tunelab.data import dataset_names, load_dataset_info
+
+    names = dataset_names(args.data.dataset)
+    known = load_dataset_info(args.data.dataset_dir)
+    tests = [n[: -len("_train")] + "_test" for n in names if n.endswith("_train")]
+    dataset = ",".join(tests) if tests and all(t in known for t in tests) else args.data.dataset
+    argv = ["tunelab", "predict", "--checkpoint_dir", str(out), "--dataset", dataset]
+    if args.data.dataset_dir != "data":
+        argv += ["--dataset_dir", args.data.dataset_dir]
+    argv += ["--output_dir", f"{out}_predict", "--max_samples", "100", "--compare_base"]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def finished_message(out: Path, args: Args) -> str:
+    """What `tunelab train` prints last: where the outputs are, and the next command to run."""
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return "\n".join([f"outputs in {out}/: {', '.join(files)}", f"next, score it: {next_command(out, args)}"])
