@@ -140,3 +140,21 @@ def test_next_command_scores_on_the_test_split_when_there_is_one(tmp_path, datas
     args = parse_args(["--do_train", "--dataset", dataset, "--output_dir", str(tmp_path / "r")])
     command = next_command(tmp_path / "r", args)
     assert f"--dataset {scored_on} " in command and "--dataset_dir" not in command
+
+
+def test_run_files_get_the_users_umask_modes(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """Under umask 022 every file of a run and of its checkpoints is 0644 (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--max_steps", "2", "--save_steps",
+                                  "1")))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert "adapter_model.safetensors" in modes and "checkpoint-1/optimizer.safetensors" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)}
+    assert not wrong, wrong
