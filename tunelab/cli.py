@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"tunelab: unknown command '{command}': {closest(command, list(COMMANDS))}", file=sys.stderr)
         return 2
+    from tunelab.logs import setup_command_logs
+
+    setup_command_logs()  # known upstream warnings off; no progress bars when stderr is a log file
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(_resolve(COMMANDS[command][0])(rest) or 0)

@@ -51,6 +51,9 @@ def _with_stage(argv: list[str], flag: str) -> list[str]:
 
 def run(args: Args) -> dict[str, Any]:
     """Run the one stage the options ask for; returns its metrics."""
+    from tunelab.logs import quiet_known_warnings
+
+    quiet_known_warnings()  # also for a study's worker processes, which do not pass through the CLI
     stage = check_stage(args.training)
     if stage == "train":
         return run_train(args)
@@ -80,6 +83,7 @@ def run_train(args: Args) -> dict[str, Any]:
 
     from tunelab import methods, runinfo
     from tunelab.layer_cache import lower_layer_cache
+    from tunelab.logs import trainer_progress
     from tunelab.preprocess import build_dataset
     from tunelab.setup import setup_model, training_args
     from tunelab.trainer import TunelabTrainer
@@ -92,6 +96,7 @@ def run_train(args: Args) -> dict[str, Any]:
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     training, _ = distributed.setup(training_args(args))
+    training = trainer_progress(training, args.explicit)  # a line per logging step when stderr is a file
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
     # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base

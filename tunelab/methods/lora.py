@@ -25,8 +25,12 @@ def prepare(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module, Metho
     from tunelab.paths import hub_id
 
     names = resolve_modules(model, ft.lora_target, layer_spec(ft, model), ft.target_match)
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's Conv1D stores its weight transposed: saying so spares peft's warning that it corrects the flag
+    fan_in_fan_out = all(isinstance(model.get_submodule(n), Conv1D) for n in names)
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                        target_modules=names, task_type="CAUSAL_LM")
+                        target_modules=names, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
     base_id = hub_id(getattr(model, "name_or_path", None))
     model = get_peft_model(model, config)
     if base_id:  # adapter_config.json names the Hub base, so PeftModel.from_pretrained works on any machine
