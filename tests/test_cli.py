@@ -26,10 +26,11 @@ def test_help_lists_commands(capsys):
     assert all(name in out for name in cli.COMMANDS)
 
 
-@pytest.mark.parametrize("argv, reexec", [(["train", "--help"], True), (["score", "x.jsonl"], False), ([], False)])
+@pytest.mark.parametrize("argv, reexec", [(["train", "--do_train"], True), (["score", "x.jsonl"], False), ([], False),
+                                          (["train", "--help"], False)])
 def test_entry_reexecs_only_commands_with_hot_loops(monkeypatch, argv, reexec):
     """`tunelab train/eval/predict/study/...` re-execute under the allocator tunelab.allocator picks; `score`
-    (no hot loop) and the bare command do not."""
+    (no hot loop), the bare command and --help do not."""
     calls = []
 
     def execve(path, args, env):

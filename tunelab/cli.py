@@ -96,6 +96,7 @@ def _resolve(target: str):
 # told to keep freed memory); tcmalloc ran the same training step 1.4-1.7x faster than plain glibc
 # (tunelab/allocator.py). TUNELAB_ALLOCATOR=system opts out.
 _ALLOCATOR_COMMANDS = {"train", "eval", "predict", "study", "chat", "serve", "webui"}
+_HELP_FLAGS = {"-h", "--help", "--help-all"}
 
 
 def entry() -> int:
@@ -106,8 +107,9 @@ def entry() -> int:
     from tunelab.allocator import allocator_env, reexec
 
     argv = sys.argv[1:]
+    hot = argv and argv[0] in _ALLOCATOR_COMMANDS and not _HELP_FLAGS & set(argv)  # help runs no hot loop
     try:
-        env = allocator_env(os.environ) if argv and argv[0] in _ALLOCATOR_COMMANDS else None
+        env = allocator_env(os.environ) if hot else None
     except TunelabError as err:
         print(f"tunelab: error: {err}", file=sys.stderr)
         return 2
