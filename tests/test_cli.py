@@ -26,10 +26,11 @@ def test_help_lists_commands(capsys):
     assert all(name in out for name in cli.COMMANDS)
 
 
-@pytest.mark.parametrize("argv, reexec", [(["train", "--help"], True), (["score", "x.jsonl"], False), ([], False)])
+@pytest.mark.parametrize("argv, reexec", [(["train", "--do_train"], True), (["score", "x.jsonl"], False), ([], False),
+                                          (["train", "--help"], False)])
 def test_entry_reexecs_only_commands_with_hot_loops(monkeypatch, argv, reexec):
     """`tunelab train/eval/predict/study/...` re-execute under the allocator tunelab.allocator picks; `score`
-    (no hot loop) and the bare command do not."""
+    (no hot loop), the bare command and --help do not."""
     calls = []
 
     def execve(path, args, env):
@@ -108,15 +109,64 @@ def _parsers(command: str) -> list:
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "chat", "serve", "webui", "export", "score",
                                      "study"])
-def test_every_commands_help_lists_every_option_it_accepts(command, capsys):
+def test_every_commands_help_all_lists_every_option_it_accepts(command, capsys):
+    flag = "--help" if command in ("score", "study") else "--help-all"
     with pytest.raises(SystemExit) as done:
-        cli.main([command, "--help"])
+        cli.main([command, flag])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: tunelab")
+    assert out.startswith(f"usage: tunelab {command}")  # the command's own name, never __main__.py
     accepted = [action.option_strings[0] if action.option_strings else action.dest
                 for parser in _parsers(command) for action in parser._actions if action.dest != "help"]
     assert len(accepted) > (1 if command == "score" else 5)
     missing = [name for name in accepted if name not in out]
-    assert not missing, f"tunelab {command} --help omits {missing}"
+    assert not missing, f"tunelab {command} {flag} omits {missing}"
     assert cli.ALIAS_NOTE in out
+
+
+def _headings(out: str) -> list[str]:
+    return [line[:-1] for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "chat"])
+def test_help_groups_tunelab_options_by_topic_and_names_the_usual_training_flags(command, capsys):
+    """Plain --help: tunelab's options under topic headings (model, data, method, generation, run), then one
+    training heading naming the usual HF flags (each a real Seq2SeqTrainingArguments field) and --help-all."""
+    import dataclasses
+
+    from transformers import Seq2SeqTrainingArguments
+
+    from tunelab import hparams, helptext
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    headings = _headings(out)
+    assert headings[:2] == ["help", "model"] and headings[-1].startswith("training (")
+    assert {"data", "run"} <= set(headings) and any(h.startswith("method") for h in headings)
+    tunelab_flags = [f"--{f.name}" for g in hparams._GROUPS if not isinstance(g, str) for f in dataclasses.fields(g)]
+    assert all(flag in out for flag in tunelab_flags)
+    assert "--adam_beta1" not in out and "--help-all" in out  # HF's rarer fields only behind --help-all
+    hf_fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    assert set(helptext.COMMON_TRAINING) <= hf_fields
+    assert all(f"--{name}" in out for name in helptext.COMMON_TRAINING)
+
+
+def test_help_imports_neither_transformers_nor_torch():
+    """`tunelab train --help` renders from the option dataclasses: a fresh interpreter prints it without
+    loading transformers or torch (what keeps it under a second; the figure is in bench/README.md)."""
+    import subprocess
+
+    code = ("import sys; from tunelab import cli\n"
+            "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: tunelab train" in done.stdout
+    assert "LOADED []" in done.stdout
+
+
+def test_version(capsys):
+    from tunelab import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"tunelab {__version__}")

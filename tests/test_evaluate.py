@@ -2,6 +2,7 @@
 method scored without method flags, and retention with a cached base pass."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_eval_of_the_base_model_and_short_form(tiny_llama_dir, tiny_data_dir, tm
     assert decoding["do_sample"] is False  # greedy by default, recorded with the results
 
 
-def test_retention_reuses_one_base_pass(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_retention_reuses_one_base_pass(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
     ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "lora")
     calls = []
     import tunelab.evaluate as ev
@@ -80,11 +81,47 @@ def test_retention_reuses_one_base_pass(tiny_llama_dir, tiny_data_dir, tmp_path,
         out = tmp_path / name
         run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt), "--compare_base")))
         table = json.loads((out / "retention.json").read_text())
-        assert set(table) == {"base", "tuned", "delta"}
+        assert set(table) == {"base", "tuned", "delta", "noise"}
         assert table["base"]["kl"] == 0.0 and table["tuned"]["kl"] > 0
         for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "nll", "kl"):
             assert table["delta"][key] == pytest.approx(table["tuned"][key] - table["base"][key], abs=1e-3)
+        assert table["noise"]["nll"] > 0 and table["noise"]["kl"] > 0 and table["noise"]["perplexity"] > 0
+        printed = capsys.readouterr().out.split("tuned vs base", 1)[1].splitlines()
+        assert printed[1].split() == ["base", "tuned", "delta", "noise"]
+        rows = {line.split()[0]: line.split()[1:] for line in printed[2:]}
+        assert set(rows) == set(table["base"])  # every score and likelihood measure, on screen
+        for key, (base, tuned, delta, noise) in rows.items():
+            assert float(base) == pytest.approx(table["base"][key], abs=1e-4)
+            assert float(delta) == pytest.approx(table["delta"][key], abs=1e-4)
+            assert noise == "-" or float(noise.rstrip("*")) == pytest.approx(table["noise"][key], abs=1e-4)
     assert len(calls) == 3, calls  # tuned, base, tuned: the second run read the base scores from the cache
+
+
+def test_paired_standard_errors_by_hand():
+    assert retention.mean_se([1.0, 3.0]) == pytest.approx(1.0)  # sd sqrt(2), n 2
+    assert retention.mean_se([2.0]) is None
+    # equal weights: the same as the plain mean's, up to the ratio estimator's m / (m - 1)
+    assert retention.weighted_se([1.0, 3.0], [5, 5]) == pytest.approx(1.0)
+    assert retention.weighted_se([1.0, 3.0], [1, 3]) == pytest.approx(math.sqrt(2 * ((1 * (1 - 2.5))**2 + (3 * (3 - 2.5))**2)) / 4)  # D = 2.5
+    noise = retention.paired_noise(
+        {0: {"bleu-4": 10.0, "rouge-1": 1, "rouge-2": 1, "rouge-l": 1}, 1: {"bleu-4": 20.0, "rouge-1": 1,
+                                                                          "rouge-2": 1, "rouge-l": 1}},
+        {0: {"bleu-4": 11.0, "rouge-1": 1, "rouge-2": 1, "rouge-l": 1}, 1: {"bleu-4": 23.0, "rouge-1": 1,
+                                                                          "rouge-2": 1, "rouge-l": 1}},
+        [{"index": 0, "tokens": 5, "nll": 2.0}, {"index": 1, "tokens": 5, "nll": 2.0}],
+        [{"index": 0, "tokens": 5, "nll": 1.0, "kl": 0.1}, {"index": 1, "tokens": 5, "nll": 3.0, "kl": 0.3}])
+    assert noise["bleu-4"] == 1.0 and noise["rouge-1"] == 0.0
+    assert noise["nll"] == noise["loss"] == 1.0 and noise["kl"] == 0.1
+    assert noise["perplexity"] == pytest.approx(math.exp(2.0), abs=1e-4)
+
+
+def test_format_retention_marks_deltas_beyond_twice_the_noise():
+    table = retention.retention_table({"bleu-4": 10.0, "nll": 2.0}, {"bleu-4": 12.5, "nll": 1.9},
+                                      {"bleu-4": 1.0, "nll": None})
+    lines = retention.format_retention(table, 48).splitlines()
+    assert "48 samples" in lines[0]
+    assert lines[2].split() == ["bleu-4", "10.0000", "12.5000", "+2.5000", "1.0000*"]
+    assert lines[3].split() == ["nll", "2.0000", "1.9000", "-0.1000", "-"]
 
 
 def test_retention_table_is_pure():

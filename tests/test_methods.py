@@ -215,3 +215,28 @@ def test_a_new_method_is_one_registered_record(tiny_llama_dir, tmp_path, monkeyp
     kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     want = cfg.num_hidden_layers * (2 * kv + cfg.intermediate_size)  # a scale per k/v output, per down_proj input
     assert json.loads((tmp_path / "ckpt" / "tunelab_method.json").read_text())["trainable_params"] == want
+
+
+def test_a_lora_adapter_names_the_bases_hub_id_and_tunelab_keeps_the_local_path(tiny_llama_dir, tmp_path):
+    """adapter_config.json's base_model_name_or_path is the Hub id the base's config records (so peft loads
+    the adapter on another machine with that base); tunelab_method.json keeps the local folder it loads."""
+    import shutil
+
+    from peft import PeftModel
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "some-org/tiny-llama"}))
+    model, info = prepare_model(_load(base), FinetuningArguments(finetuning_type="lora", lora_target="qkv"))
+    save_trainable(model, tmp_path / "ckpt", info, str(base))
+    assert json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "some-org/tiny-llama"
+    assert read_method(tmp_path / "ckpt")["base_model"] == str(base) == base_model_for([str(tmp_path / "ckpt")])
+    loaded = PeftModel.from_pretrained(_load(base), str(tmp_path / "ckpt"))
+    assert loaded.peft_config["default"].base_model_name_or_path == "some-org/tiny-llama"
+    # a base with no Hub id known keeps peft's own record, the local path
+    model, info = prepare_model(_load(tiny_llama_dir), FinetuningArguments(finetuning_type="lora", lora_target="qkv"))
+    save_trainable(model, tmp_path / "plain", info, str(tiny_llama_dir))
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_llama_dir)

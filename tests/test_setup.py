@@ -44,6 +44,25 @@ def test_resolve_precision_returns_new_options_and_leaves_args_alone(monkeypatch
     assert args.training.to_dict() == before
 
 
+@pytest.mark.parametrize("flags, fast, warns", [
+    (("--bf16", "true"), False, True),  # asked for on a CPU that emulates bf16
+    (("--bf16", "true"), True, False),
+    (("--bf16", "false"), False, False),
+    ((), False, False),
+])
+def test_bf16_on_a_cpu_without_fast_bf16_warns_once_with_the_reason(monkeypatch, caplog, flags, fast, warns):
+    _cpu(monkeypatch, fast)
+    setup.warn_slow_bf16.cache_clear()
+    args = _args(*flags)
+    with caplog.at_level("WARNING", logger="tunelab.setup"):
+        for _ in range(2):
+            training = setup.resolve_precision(args)
+    assert training.bf16 == ("true" in flags)  # the user's choice stands
+    messages = [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()]
+    assert len(messages) == (1 if warns else 0)
+    assert not warns or ("AVX512-BF16" in messages[0] and ">20x slower than fp32" in messages[0])
+
+
 def test_training_args_add_tunelab_settings_to_the_resolved_precision(monkeypatch):
     _cpu(monkeypatch, True)
     args = _args()

@@ -113,3 +113,48 @@ def test_bf16_true_parses_on_a_cpu_machine(monkeypatch):
     args = parse_args(["--do_train", "--output_dir", "x", "--bf16", "true"])
     assert args.training.bf16 and args.training.use_cpu
     assert not parse_args(["--do_train", "--output_dir", "x", "--bf16", "false"]).training.bf16
+
+
+def test_train_ends_saying_where_the_outputs_are_and_what_to_run_next(tiny_llama_dir, tiny_data_dir, tmp_path,
+                                                                       capsys):
+    import shlex
+
+    from tunelab.hparams import parse_args as parse
+
+    out = tmp_path / "run"
+    assert main(["train", *train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--max_steps", "1")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith(f"outputs in {out}/") and "adapter_model.safetensors" in lines[-2]
+    command = lines[-1].split(": ", 1)[1]
+    argv = shlex.split(command)
+    assert argv[:2] == ["tunelab", "predict"] and argv[argv.index("--checkpoint_dir") + 1] == str(out)
+    predict = parse(argv[2:] + ["--do_predict"])  # the printed command parses as it stands
+    assert predict.data.dataset == "tiny" and predict.generation.compare_base
+
+
+@pytest.mark.parametrize("dataset, scored_on", [("persona_chat_en_train", "persona_chat_en_test"),
+                                                ("alpaca_gpt4_en", "alpaca_gpt4_en")])
+def test_next_command_scores_on_the_test_split_when_there_is_one(tmp_path, dataset, scored_on):
+    from tunelab.train import next_command
+
+    args = parse_args(["--do_train", "--dataset", dataset, "--output_dir", str(tmp_path / "r")])
+    command = next_command(tmp_path / "r", args)
+    assert f"--dataset {scored_on} " in command and "--dataset_dir" not in command
+
+
+def test_run_files_get_the_users_umask_modes(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """Under umask 022 every file of a run and of its checkpoints is 0644 (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--max_steps", "2", "--save_steps",
+                                  "1")))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert "adapter_model.safetensors" in modes and "checkpoint-1/optimizer.safetensors" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)}
+    assert not wrong, wrong

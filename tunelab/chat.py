@@ -12,10 +12,12 @@ of the output answers line i of the input); `clear` prints nothing and the end o
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tunelab.engine import ChatEngine, to_messages
 from tunelab.hparams import parse_args
+
+if TYPE_CHECKING:
+    from tunelab.engine import ChatEngine
 
 CLEAR, QUIT = ("clear",), ("exit", "stop")
 
@@ -52,6 +54,8 @@ def answer(engine: ChatEngine, query: str, history: list, stdout: TextIO, intera
     """Stream one answer to stdout; returns it (for the history)."""
     if interactive:
         print("Assistant: ", end="", file=stdout, flush=True)
+    from tunelab.engine import to_messages
+
     gen = engine.stream(to_messages(query, history))
     for piece in gen:
         print(piece if interactive else one_line(piece), end="", file=stdout, flush=True)
@@ -60,7 +64,10 @@ def answer(engine: ChatEngine, query: str, history: list, stdout: TextIO, intera
 
 
 def main(argv: list[str]) -> int:
-    engine = ChatEngine.from_args(parse_args(argv, prog="tunelab chat"))
+    args = parse_args(argv, prog="tunelab chat")  # before importing the engine (transformers): --help is fast
+    from tunelab.engine import ChatEngine
+
+    engine = ChatEngine.from_args(args)
     try:
         run(engine, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
     except KeyboardInterrupt:

@@ -8,7 +8,8 @@ the base model; tunelab/likelihood.py) and the 2023 study's BLEU/ROUGE of genera
 Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss =
 eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples),
 likelihood.jsonl (one line per sample: index, tokens, nll, kl), generated_predictions.jsonl for predict
-(index, prompt, predict, label; only the generated subset), and retention.json with --compare_base.
+(index, prompt, predict, label; only the generated subset), and retention.json with --compare_base (also
+printed: base, tuned, delta and noise of every score).
 The method, targets, template and source_prefix of a checkpoint are read from its run files.
 
 Order of work: the base model's pass (per-sample NLL + top-k log-probs, cached per base model and data,
@@ -194,27 +195,32 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     if main:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
         write_scored(out, stage, scored, dataset)
+    table = None
     if args.generation.compare_base and generate and loaded.checkpoints:
         base_path = loaded.base_path
         del model, loaded  # free the tuned model before the base model loads
-        _compare_base(out, metrics, args, base_path, dataset)
+        table = _compare_base(out, scored, args, base_path, dataset, base)
     results = {f"{stage}_{k}": v for k, v in metrics.items()}
     if main:
         _save_results(out, stage, results)
         for key, value in results.items():
             print(f"  {key:<28} = {value}")
+        if table is not None:
+            from tunelab.retention import format_retention
+
+            print(format_retention(table, len(dataset)), flush=True)
     return results
 
 
-def _compare_base(out: Path, metrics: dict[str, float], args: Args, base_path: str, dataset) -> None:
-    """retention.json from rank 0; the other ranks still score their shards of the base model (the
-    scoring is collective), leaving only the shared base-predictions cache behind."""
+def _compare_base(out: Path, scored: Scored, args: Args, base_path: str, dataset, base_top) -> dict | None:
+    """retention.json from rank 0 (returned); the other ranks still score their shards of the base model
+    (the scoring is collective), leaving only the shared base-predictions cache behind."""
     from tunelab.retention import base_metrics, write_retention
 
     if distributed.is_main():
-        write_retention(out, metrics, args, base_path, dataset, score)
-    else:
-        base_metrics(args, base_path, dataset, score)
+        return write_retention(out, scored, args, base_path, dataset, score, base_top)
+    base_metrics(args, base_path, dataset, score)
+    return None
 
 
 def _save_results(out: Path, stage: str, results: dict[str, Any]) -> None:

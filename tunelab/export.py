@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.hparams import Args, _opt, parse_with
+from tunelab.paths import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def write_atomically(out: Path, write) -> None:
         write(tmp)
         if out.exists():  # checked empty or --overwrite_output_dir before
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the export is an ordinary folder
+        apply_umask(tmp)  # mkdtemp and safetensors make owner-only files; the export is an ordinary folder
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -166,8 +166,8 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     autocast (`autocast_dtype`, or an autocast block around the call) the linear weights are cast once
     for the whole call (tunelab.speedups.py; same answers, faster decoding)."""
     import torch
-    from tqdm.auto import tqdm
 
+    from tunelab.logs import progress as progress_bar
     from tunelab.speedups import active_autocast_dtype, linear_weights_cast
 
     if batch_size < 1:
@@ -184,7 +184,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     if seed is not None:
         torch.manual_seed(seed)
     model.eval()
-    bar = tqdm(total=len(prompts), unit="sample", desc="generate", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc="generate", unit="sample", disable=not progress)
     bar.update(len(prompts) - len(order))
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype), \

@@ -16,20 +16,22 @@ them and parses with `parse_with`, so its `--help` lists its flags and every opt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
-
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+from typing import TYPE_CHECKING, Any
 
 from tunelab.cli import Parser, underscored
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
 from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +147,36 @@ class Args:
         return out
 
 
-_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArguments, Seq2SeqTrainingArguments,
-           RunArguments)
+# The option groups in parse order. TRAINING stands for transformers' Seq2SeqTrainingArguments, imported only
+# when a parser is built (groups()): this module, and so `tunelab <cmd> --help` (tunelab/helptext.py), loads
+# without transformers or torch.
+TRAINING = "training"
+_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GenerationArguments, TRAINING, RunArguments)
 
 
-class _Parser(Parser, HfArgumentParser):
-    """HfArgumentParser with tunelab's Parser behaviour (TunelabError, dashed aliases)."""
+def groups() -> tuple[type, ...]:
+    """The option dataclasses in parse order, HF's Seq2SeqTrainingArguments included (imports transformers)."""
+    from transformers import Seq2SeqTrainingArguments
+
+    return tuple(Seq2SeqTrainingArguments if group == TRAINING else group for group in _GROUPS)
+
+
+@functools.cache
+def _parser_class() -> type:
+    from transformers import HfArgumentParser
+
+    class HfParser(Parser, HfArgumentParser):
+        """HfArgumentParser with tunelab's Parser behaviour (TunelabError, dashed aliases)."""
+
+    return HfParser
+
+
+def _Parser(dataclass_types, prog: str = "tunelab") -> HfArgumentParser:  # noqa: N802  (reads as the class it builds)
+    return _parser_class()(dataclass_types, prog=prog)
 
 
 def build_parser(prog: str = "tunelab") -> HfArgumentParser:
-    return _Parser(_GROUPS, prog=prog)
+    return _Parser(groups(), prog=prog)
 
 
 def listen_arguments(default_port: int) -> type:
@@ -174,8 +196,8 @@ def parse_with(argv: list[str], extra_cls: type, prog: str = "tunelab") -> tuple
     """(Args, extra_cls instance): `extra_cls`'s flags (e.g. --port) are taken out first, the rest goes
     through parse_args, so model/checkpoint/template/generation flags work as in `tunelab train`.
     `--help` lists both sets; an unknown flag fails with the closest name from both sets."""
-    if any(a in ("-h", "--help") for a in argv):
-        _Parser([extra_cls, *_GROUPS], prog=prog).print_help()  # also refuses a flag defined in both sets
+    if any(a in ("-h", "--help", "--help-all") for a in argv):
+        print_help(prog, extra_cls, all_fields="--help-all" in argv)
         sys.exit(0)
     parser = _Parser([extra_cls], prog=prog)  # no abbreviations: '--api' must not silently mean --api_key
     extra, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
@@ -188,9 +210,17 @@ def parse_with(argv: list[str], extra_cls: type, prog: str = "tunelab") -> tuple
     return parse_args(rest, prog=prog), extra
 
 
+def print_help(prog: str, extra_cls: type | None = None, all_fields: bool = False) -> None:
+    """`prog --help`: `extra_cls`'s options (a front end's own), then every run option by topic; HF's training
+    fields by name only, or all with their help when `all_fields` (--help-all; only that imports transformers)."""
+    from tunelab.helptext import print_help as render
+
+    render(prog, [*([extra_cls] if extra_cls else []), *(groups() if all_fields else _GROUPS)])
+
+
 def option_names() -> list[str]:
     """Every valid option name (without dashes)."""
-    return sorted({f.name for group in _GROUPS for f in fields(group) if f.init})
+    return sorted({f.name for group in groups() for f in fields(group) if f.init})
 
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:
@@ -233,9 +263,13 @@ def _explicit_names(argv: list[str]) -> frozenset[str]:
 def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = None, prog: str = "tunelab") -> Args:
     """Parse flags (and an optional leading YAML/JSON file, or a config dict) into Args.
 
-    Raises TunelabError naming the closest valid options for anything unknown.
+    Raises TunelabError naming the closest valid options for anything unknown. `--help` / `--help-all` print
+    the options (print_help) and exit.
     """
     argv = list(argv or [])
+    if any(a in ("-h", "--help", "--help-all") for a in argv):
+        print_help(prog, all_fields="--help-all" in argv)
+        sys.exit(0)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_to_argv(load_config_file(argv[0])) + argv[1:]
     if config:

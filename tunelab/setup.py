@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,13 @@ INHERITED = PROMPT_OPTIONS
 
 # ---- precision ----
 
+@functools.cache  # once per process: the study and the web UI resolve precision for every run
+def warn_slow_bf16() -> None:
+    logger.warning("--bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): its bf16 matmuls are emulated, "
+                   ">20x slower than fp32 as measured on such a CPU (`python -m bench.matmul` measures this one); "
+                   "--bf16 false trains in fp32")
+
+
 def resolve_precision(args: Args):
     """The training options with the precision this machine can run: unchanged on a GPU. fp16 needs a
     GPU: on a CPU it falls back to bf16 autocast where the CPU does bf16 fast, else fp32. With no precision
@@ -45,6 +53,8 @@ def resolve_precision(args: Args):
         logger.warning("--fp16 needs a GPU; training in %s on this CPU instead",
                        "bf16 autocast" if fast_bf16 else "fp32")
     elif "bf16" in args.explicit:
+        if args.training.bf16 and not fast_bf16:
+            warn_slow_bf16()
         return args.training  # the user chose
     elif fast_bf16:
         logger.info("this CPU does bf16 fast: training in bf16 autocast (--bf16 false for fp32)")

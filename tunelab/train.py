@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,17 @@ from tunelab.hparams import Args, TunelabError, check_stage, parse_args
 logger = logging.getLogger(__name__)
 
 
-def main(argv: list[str]) -> int:
-    run(parse_args(argv))
+def main(argv: list[str], prog: str = "tunelab train") -> int:
+    run(parse_args(argv, prog=prog))
     return 0
 
 
 def main_eval(argv: list[str]) -> int:
-    return main(_with_stage(argv, "--do_eval"))
+    return main(_with_stage(argv, "--do_eval"), prog="tunelab eval")
 
 
 def main_predict(argv: list[str]) -> int:
-    return main(_with_stage(argv, "--do_predict"))
+    return main(_with_stage(argv, "--do_predict"), prog="tunelab predict")
 
 
 def _with_stage(argv: list[str], flag: str) -> list[str]:
@@ -49,6 +51,9 @@ def _with_stage(argv: list[str], flag: str) -> list[str]:
 
 def run(args: Args) -> dict[str, Any]:
     """Run the one stage the options ask for; returns its metrics."""
+    from tunelab.logs import quiet_known_warnings
+
+    quiet_known_warnings()  # also for a study's worker processes, which do not pass through the CLI
     stage = check_stage(args.training)
     if stage == "train":
         return run_train(args)
@@ -78,6 +83,7 @@ def run_train(args: Args) -> dict[str, Any]:
 
     from tunelab import methods, runinfo
     from tunelab.layer_cache import lower_layer_cache
+    from tunelab.logs import trainer_progress
     from tunelab.preprocess import build_dataset
     from tunelab.setup import setup_model, training_args
     from tunelab.trainer import TunelabTrainer
@@ -90,6 +96,7 @@ def run_train(args: Args) -> dict[str, Any]:
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     training, _ = distributed.setup(training_args(args))
+    training = trainer_progress(training, args.explicit)  # a line per logging step when stderr is a file
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
     # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base
@@ -98,6 +105,7 @@ def run_train(args: Args) -> dict[str, Any]:
     tokenizer.padding_side = "right"
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "train")
+    args = _with_plot_logging(args, len(dataset))
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
     model, info = methods.prepare_model(model, args.finetune)
     if distributed.is_main():
@@ -114,8 +122,48 @@ def run_train(args: Args) -> dict[str, Any]:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    if args.finetune.plot_loss and distributed.is_main():
-        from tunelab.plotting import plot_loss
+    if distributed.is_main():
+        if args.finetune.plot_loss:
+            from tunelab.plotting import plot_loss
 
-        plot_loss(out)
+            plot_loss(out)
+        print(finished_message(out, args), flush=True)
     return metrics
+
+
+def _with_plot_logging(args: Args, rows: int) -> Args:
+    """With --plot_loss and no --logging_steps given, log often enough that a short run draws a curve."""
+    if not args.finetune.plot_loss or "logging_steps" in args.explicit:
+        return args
+    from tunelab.plotting import logging_steps_for
+
+    t = args.training
+    batches = math.ceil(rows / (t.per_device_train_batch_size * max(1, t.world_size)))
+    per_epoch = max(1, batches // t.gradient_accumulation_steps)  # optimizer steps, as HF's Trainer counts them
+    planned = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    steps = logging_steps_for(planned, t.logging_steps)
+    if steps == t.logging_steps:
+        return args
+    return dataclasses.replace(args, training=dataclasses.replace(t, logging_steps=steps))
+
+
+def next_command(out: Path, args: Args) -> str:
+    """The predict command that scores the run just trained: on the test split of its data set where
+    dataset_info.json has one (`x_train` -> `x_test`), else on its own data set."""
+    from tunelab.data import dataset_names, load_dataset_info
+
+    names = dataset_names(args.data.dataset)
+    known = load_dataset_info(args.data.dataset_dir)
+    tests = [n[: -len("_train")] + "_test" for n in names if n.endswith("_train")]
+    dataset = ",".join(tests) if tests and all(t in known for t in tests) else args.data.dataset
+    argv = ["tunelab", "predict", "--checkpoint_dir", str(out), "--dataset", dataset]
+    if args.data.dataset_dir != "data":
+        argv += ["--dataset_dir", args.data.dataset_dir]
+    argv += ["--output_dir", f"{out}_predict", "--max_samples", "100", "--compare_base"]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def finished_message(out: Path, args: Args) -> str:
+    """What `tunelab train` prints last: where the outputs are, and the next command to run."""
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return "\n".join([f"outputs in {out}/: {', '.join(files)}", f"next, score it: {next_command(out, args)}"])

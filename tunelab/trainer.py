@@ -21,15 +21,18 @@ Each speed-up can be switched off through `speedups=SpeedupOptions(...)` (bench/
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tunelab import methods
 from tunelab.attention import pack_batch, packed_attention_enabled
 from tunelab.cross_entropy import cross_entropy
 from tunelab.hf_checkpoints import PickleFreeCheckpoints
+from tunelab.paths import apply_umask
 from tunelab.speedups import SpeedupOptions, cpu_dropout, linear_weights_cast
 
 
@@ -57,6 +60,15 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor], options: SpeedupOpti
     return cross_entropy(logits, targets)
 
 
+class UmaskModes(TrainerCallback):
+    """A saved checkpoint's files get the user's umask modes (paths.apply_umask: safetensors writes 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            apply_umask(folder)
+
+
 class TunelabTrainer(PickleFreeCheckpoints, Trainer):
     """HF Trainer + tunelab's supervised-position loss, padding-free batches and safetensors/JSON checkpoints."""
 
@@ -69,6 +81,7 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
         self.speedups = speedups
         self.packing = False  # True while train() runs the model on packed attention
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean; the Trainer divides by GA steps
+        self.add_callback(UmaskModes())
 
     def train(self, *args, **kwargs):
         # compiled graphs would see a new packed length every step; compile keeps padded batches

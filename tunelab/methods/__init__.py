@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze, full, lora, none, p_tuning
 from tunelab.methods.base import Method, MethodInfo, count_params
+from tunelab.paths import apply_umask
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +89,7 @@ def save_trainable(model: nn.Module, out_dir: str | Path, info: MethodInfo, base
                            f"(expected one of {', '.join(method.weight_files)})")
     meta = {**info.to_dict(), "base_model": base_model}
     (out / METHOD_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    apply_umask(out, recursive=False)  # safetensors writes 0600 files
 
 
 def read_method(ckpt: str | Path) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """LoRA (peft): low-rank adapters on the chosen linear layers. Saved as a peft adapter directory
-(adapter_model.safetensors + adapter_config.json); merged into the weights for eval and export."""
+(adapter_model.safetensors + adapter_config.json, whose base_model_name_or_path is the base's Hub id when
+known, e.g. HuggingFaceTB/SmolLM2-135M-Instruct for the default model); merged into the weights for eval
+and export."""
 
 from __future__ import annotations
 
@@ -20,16 +22,28 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
 def prepare(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module, MethodInfo]:
     from peft import LoraConfig, get_peft_model
 
+    from tunelab.paths import hub_id
+
     names = resolve_modules(model, ft.lora_target, layer_spec(ft, model), ft.target_match)
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's Conv1D stores its weight transposed: saying so spares peft's warning that it corrects the flag
+    fan_in_fan_out = all(isinstance(model.get_submodule(n), Conv1D) for n in names)
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                        target_modules=names, task_type="CAUSAL_LM")
+                        target_modules=names, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+    base_id = hub_id(getattr(model, "name_or_path", None))
     model = get_peft_model(model, config)
+    if base_id:  # adapter_config.json names the Hub base, so PeftModel.from_pretrained works on any machine
+        # that has it; tunelab finds its local base through tunelab_method.json's base_model
+        model.peft_config["default"].base_model_name_or_path = base_id
     extra = {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout}
     return model, MethodInfo("lora", names, layers_of(names), extra=extra)
 
 
 def save(model: nn.Module, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    # save_embedding_layers=False: tunelab never resizes the vocabulary, and peft's "auto" would look the base
+    # (a Hub id, see prepare) up on the network to compare vocabulary sizes
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
 
 
 def load(model: nn.Module, ckpt: Path, is_trainable: bool) -> nn.Module:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, MethodInfo, all_layers
-from tunelab.prefix import PREFIX_WEIGHTS, PrefixModel, load_prefix
+from tunelab.names import PREFIX_WEIGHTS  # prefix.py (torch) loads when the method is used, not with the registry
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 
 def prepare(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module, MethodInfo]:
+    from tunelab.prefix import PrefixModel
+
     wrapped = PrefixModel(model, pre_seq_len=ft.pre_seq_len, projection=ft.prefix_projection)
     extra = {"pre_seq_len": ft.pre_seq_len, "prefix_projection": ft.prefix_projection}
     return wrapped, MethodInfo("p_tuning", [], all_layers(model), extra=extra)
@@ -28,6 +30,8 @@ def save(model: nn.Module, out: Path, state_dict: dict[str, torch.Tensor] | None
 
 
 def load(model: nn.Module, ckpt: Path, is_trainable: bool) -> nn.Module:
+    from tunelab.prefix import load_prefix
+
     return load_prefix(model, ckpt)
 
 
