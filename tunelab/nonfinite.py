@@ -13,6 +13,7 @@ clipping reads anyway) covers both.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -29,7 +30,13 @@ def grads_finite(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable weight of the model is finite."""
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    return not params or bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf)))
 
 
 def last_checkpoint(output_dir: str) -> str | None:
@@ -57,8 +64,16 @@ class NonFiniteGuard(TrainerCallback):
                            step, self.skipped)
             model.zero_grad(set_to_none=True)  # optimizers leave parameters without a gradient untouched
             return
-        ckpt = last_checkpoint(args.output_dir)
-        raise TunelabError(
-            f"step {step}: the loss or a gradient is not finite (NaN/inf), training stopped before the update; "
-            f"last checkpoint: {ckpt or 'none saved'}. Lower --learning_rate (now {args.learning_rate:g}) or "
-            "use fp32/bf16; --skip_nonfinite true skips such steps")
+        raise _stopped(args, step, "the loss or a gradient is not finite (NaN/inf); training stopped before the "
+                       "update", "; --skip_nonfinite true skips such steps")
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # finite gradients can still make an update overflow (Adam's step is ~ learning_rate in size)
+        if model is not None and not args.fp16 and not params_finite(model):
+            raise _stopped(args, state.global_step + 1, "the update made a weight NaN/inf", "")
+
+
+def _stopped(args, step: int, what: str, hint: str) -> TunelabError:
+    ckpt = last_checkpoint(args.output_dir)
+    return TunelabError(f"step {step}: {what}; last checkpoint: {ckpt or 'none saved'}. Lower --learning_rate "
+                        f"(now {args.learning_rate:g}){hint}")
