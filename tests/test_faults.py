@@ -287,6 +287,8 @@ def _command_raising(monkeypatch, err: BaseException) -> None:
     (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), "no permission: /runs/x"),
     (json.JSONDecodeError("Expecting value", "{\n,", 2), "malformed JSON at line 2"),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8 text"),
+    (__import__("yaml").scanner.ScannerError(problem="found a tab"), "malformed YAML: found a tab"),
+    (__import__("torch").OutOfMemoryError("CUDA out of memory"), "out of memory: lower --per_device_train_batch"),
 ])
 def test_environment_faults_are_one_line(monkeypatch, capsys, err, message):
     _command_raising(monkeypatch, err)
