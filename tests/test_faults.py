@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
+import yaml
 
 from tunelab.cli import main
 
@@ -130,6 +132,10 @@ CASES: list[tuple[str, list[str] | Callable[[Ctx], list[str]], str]] = [
     ("unknown_template", ["--template", "chatglm2"], "did you mean chatglm"),
     ("unknown_preset", ["--generation_preset", "fast"], "choose from"),
     ("two_stages", ["--do_eval"], "exactly one"),
+    ("unknown_target", ["--lora_target", "no_such_module"], "matches no module of this llama model"),
+    ("layers_outside_model", ["--target_layers", "7-9"], "the model has 4 layers"),
+    ("freeze_more_layers_than_model", ["--finetuning_type", "freeze", "--num_layer_trainable", "9"],
+     "the model has 4 layers"),
     ("positional_junk", ["lora"], "options start with --"),
     # data sets: found, opened, parsed before the model loads
     ("unknown_dataset", ["--dataset", "alpaca_gtp4_en"], "unknown data set 'alpaca_gtp4_en'"),
@@ -287,8 +293,8 @@ def _command_raising(monkeypatch, err: BaseException) -> None:
     (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), "no permission: /runs/x"),
     (json.JSONDecodeError("Expecting value", "{\n,", 2), "malformed JSON at line 2"),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8 text"),
-    (__import__("yaml").scanner.ScannerError(problem="found a tab"), "malformed YAML: found a tab"),
-    (__import__("torch").OutOfMemoryError("CUDA out of memory"), "out of memory: lower --per_device_train_batch"),
+    (yaml.scanner.ScannerError(problem="found a tab"), "malformed YAML: found a tab"),
+    (torch.OutOfMemoryError("CUDA out of memory"), "out of memory: lower --per_device_train_batch"),
 ])
 def test_environment_faults_are_one_line(monkeypatch, capsys, err, message):
     _command_raising(monkeypatch, err)

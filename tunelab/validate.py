@@ -3,7 +3,8 @@ the option and what it may be.
 
     from tunelab.validate import validate, check_inputs
     validate(values)             # pure: ranges of every option (hparams.parse_args calls it on the parsed values)
-    check_inputs(args, stage)    # reads files: --output_dir, the data sets (train.run calls it before the model loads)
+    check_inputs(args, stage)    # reads files: --output_dir, the data sets, the method's targets on an empty model
+                                 # (train.run calls it before the model loads)
 
 `validate` takes the flat option dict (`{"learning_rate": 5e-05, ...}`: what argparse parsed, or
 `Args.to_dict()`), so it runs before HF's own dataclass checks and tracebacks from torch/peft/HF deep inside a
@@ -142,12 +143,15 @@ def _check_train_length(values: Mapping[str, Any]) -> None:
 # ---- checks that read the file system (before the model loads) ----
 
 def check_inputs(args: Args, stage: str) -> None:
-    """What can be known about a run's inputs without the model: the output folder can be written and the
-    data sets resolve, open and parse (unknown names, missing files, bad encodings, malformed rows)."""
+    """What can be known about a run's inputs without the model: the output folder can be written, the
+    data sets resolve, open and parse (unknown names, missing files, bad encodings, malformed rows), and for
+    training the method's targets and layers exist in the model (check_method_targets)."""
     check_output_dir(Path(args.training.output_dir))
     from tunelab.data import load_examples
 
     load_examples(args.data)
+    if stage == "train":
+        check_method_targets(args)
 
 
 def check_output_dir(out: Path) -> None:
@@ -159,3 +163,29 @@ def check_output_dir(out: Path) -> None:
         raise TunelabError(f"--output_dir {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TunelabError(f"--output_dir {out}: no permission to write in {existing}")
+
+
+def check_method_targets(args: Args) -> None:
+    """Prepare the method on a weightless copy of the base model (built on the meta device from its
+    config.json, so no weights are read): an unknown --lora_target, a layer outside the model or a bad
+    --num_layer_trainable fails in a fraction of a second instead of after the model loaded. Only
+    TunelabErrors count: whatever else a weightless model cannot do (P-Tuning's prefix set-up reads values)
+    is left to the real run. Models with their own code are skipped (building one runs that code)."""
+    import logging
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab import methods
+    from tunelab.model import resolve_model_path
+
+    if args.model.trust_remote_code or (args.model.checkpoint_dir and not args.model.model_name_or_path):
+        return
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model.model_name_or_path), local_files_only=True)
+    try:
+        with torch.device("meta"):
+            methods.prepare_model(AutoModelForCausalLM.from_config(config), args.finetune)
+    except TunelabError:
+        raise
+    except Exception as err:  # noqa: BLE001  (the real preparation reports it, with the weights loaded)
+        logging.getLogger(__name__).debug("weightless method check skipped: %s", err)
