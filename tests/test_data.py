@@ -185,6 +185,32 @@ def test_bad_history_is_an_error(tmp_path):
         load(d, "a")
 
 
+def test_a_history_string_in_a_json_file_is_named_as_such(tmp_path):
+    """Only CSV cells hold history as JSON text; in a JSON file a string is a wrong type, not malformed JSON."""
+    data = [{"instruction": "q", "input": "", "output": "a", "history": "earlier chat"}]
+    d = make_data(tmp_path, {"a.json": data}, {"a": {"file_name": "a.json", "columns": ALPACA_HISTORY}})
+    with pytest.raises(TunelabError, match="row 0: history must be a list of .* pairs, got str 'earlier chat'"):
+        load(d, "a")
+
+
+def test_a_csv_history_cell_must_be_json(tmp_path):
+    d = make_data(tmp_path, {"a.csv": 'instruction,output,history\nq,a,"[[""u"", ""r""]]"\nq2,a2,[oops\n'},
+                  {"a": {"file_name": "a.csv", "columns": {"history": "history"}}})
+    with pytest.raises(TunelabError, match="a.csv: row 1: the history cell is not JSON"):
+        load(d, "a")
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.jsonl", "a.csv", "dataset_info.json"])
+def test_non_utf8_bytes_name_file_line_and_offset(tmp_path, name):
+    files = {"a.json": rows(2), "a.jsonl": JSONL, "a.csv": CSV}
+    d = make_data(tmp_path, {k: v for k, v in files.items()}, {"a": {"file_name": name}})
+    path = d / name
+    path.write_bytes(path.read_bytes() + b"\n\xff")
+    lines = path.read_bytes().count(b"\n") + 1
+    with pytest.raises(TunelabError, match=f"{name}:{lines}: not UTF-8 text \\(byte 0xff at offset "):
+        load(d, "a")
+
+
 def test_sharegpt_from_value_and_role_content(tmp_path):
     conv1 = [{"from": "system", "value": "S"}, {"from": "human", "value": "u1"}, {"from": "gpt", "value": "g1"},
              {"from": "human", "value": "u2"}, {"from": "gpt", "value": "g2"}]

@@ -60,3 +60,15 @@ def test_serve_and_webui_share_the_host_and_port_options():
 def test_prompt_options_are_data_options():
     # eval/chat/export inherit these from a checkpoint's run; a rename here must not silently drop one
     assert set(PROMPT_OPTIONS) <= {f.name for f in dataclasses.fields(DataArguments)}
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("cfg.json", '{\n  "lora_rank": 8,\n}', r"cfg.json:3: malformed JSON"),
+    ("cfg.yaml", "lora_rank: 8\n\tlora_alpha: 16\n", r"cfg.yaml:2: malformed YAML \(found character '\\t'"),
+    ("cfg.yaml", "lora_rank: [8\n", r"cfg.yaml:2: malformed YAML"),
+])
+def test_a_malformed_config_file_names_its_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TunelabError, match=message):
+        parse_args([str(path)])

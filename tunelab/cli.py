@@ -118,6 +118,24 @@ def entry() -> int:
     return main(argv)
 
 
+def _report(command: str, err: Exception) -> bool:
+    """Print `err` as one line when it is the user's input or the environment (errors.user_message); False
+    for anything else (a bug, whose traceback the caller lets through). TUNELAB_DEBUG=1 also prints the
+    traceback of every reported error."""
+    import os
+    import traceback
+
+    from tunelab.errors import user_message
+
+    message = user_message(err)
+    if message is None:
+        return False
+    if os.environ.get("TUNELAB_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
+    print(f"tunelab {command}: error: {message}", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -138,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(_resolve(COMMANDS[command][0])(rest) or 0)
-    except TunelabError as err:
-        print(f"tunelab {command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # a bad input or the machine's state: one line, exit 2; a bug: its traceback
+        if not _report(command, err):
+            raise
         return 2
     finally:
         from tunelab import distributed

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ def resolve_dataset_dir(dataset_dir: str | Path) -> Path:
 def load_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The parsed registry of `dataset_dir` (errors name the file, and the line for malformed JSON)."""
     path = resolve_dataset_dir(dataset_dir) / INFO_FILE
-    info = _parse_json(path.read_text(encoding="utf-8"), path)
+    info = parse_json(read_text(path), path)
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise TunelabError(f"{path}: must map each data set name to an object with a file_name")
     return info
@@ -170,7 +171,19 @@ def check_sha1(path: Path, expected: str | None, name: str) -> None:
 
 # ---------------------------------------------------------------- files
 
-def _parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8; a bad byte fails naming the file, its line and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise TunelabError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+                           "save the file as UTF-8") from None
+
+
+def parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
+    """json.loads(text); malformed JSON fails naming path:line (`line_offset`: lines before `text`)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -179,19 +192,18 @@ def _parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
 
 
 def _read_json_lines(text: str, path: Path) -> list[Any]:
-    return [_parse_json(line, path, number - 1) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [parse_json(line, path, number - 1) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .json (a list of objects, or JSON lines as HF datasets also accepts), .jsonl or .csv file."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            rows: Any = list(csv.DictReader(f))
+        rows: Any = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     elif suffix == ".jsonl":
-        rows = _read_json_lines(path.read_text(encoding="utf-8"), path)
+        rows = _read_json_lines(read_text(path), path)
     elif suffix == ".json":
-        rows = _read_json(path.read_text(encoding="utf-8"), path)
+        rows = _read_json(read_text(path), path)
     else:
         raise TunelabError(f"{path}: unsupported file type '{suffix}': use .json, .jsonl or .csv")
     if not isinstance(rows, list):
@@ -208,7 +220,7 @@ def _read_json(text: str, path: Path) -> Any:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # one object per line in a .json file
             return _read_json_lines(text, path)
-        return _parse_json(text, path)  # raises the error with file and line
+        return parse_json(text, path)  # raises the error with file and line
 
 
 # ---------------------------------------------------------------- rows -> Examples
@@ -237,12 +249,17 @@ def _text(value: Any) -> str:
 
 
 def _history(value: Any, path: Path, index: int) -> tuple[tuple[str, str], ...]:
-    if isinstance(value, str):  # CSV cells hold history as a JSON string
-        value = _parse_json(value, path) if value.strip() else []
+    if isinstance(value, str) and path.suffix.lower() == ".csv":  # CSV cells hold history as a JSON string
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as err:
+            raise TunelabError(f"{path}: row {index}: the history cell is not JSON ({err.msg}): write it as "
+                               '[["user", "assistant"], ...]') from None
     if not value:
         return ()
     if not isinstance(value, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
-        raise TunelabError(f"{path}: row {index}: history must be a list of [user, assistant] pairs")
+        raise TunelabError(f"{path}: row {index}: history must be a list of [user, assistant] pairs, got "
+                           f"{type(value).__name__} {str(value)[:40]!r}")
     return tuple((_text(q), _text(r)) for q, r in value)
 
 

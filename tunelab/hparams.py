@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.cli import Parser, underscored
+from tunelab.data import parse_json, read_text
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
 from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
+from tunelab.validate import validate
 
 if TYPE_CHECKING:
     from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -124,6 +126,9 @@ class GenerationArguments:
 class RunArguments:
     overwrite_output_dir: bool = _opt(False, "Write into a non-empty --output_dir (transformers 5 dropped this flag; "
                                       "tunelab keeps it for the 2023 commands).")
+    # issue 18: what a diverged run does
+    skip_nonfinite: bool = _opt(False, "Skip an optimizer step whose loss or gradient is NaN/inf (default: stop "
+                                "training there with an error naming the step and the last checkpoint).")
 
 
 @dataclass
@@ -244,16 +249,24 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
+    text = read_text(path)
+    data = parse_json(text, path) if path.suffix == ".json" else _parse_yaml(text, path)
     if not isinstance(data, dict):
         raise TunelabError(f"config file {path} must hold a mapping of option: value")
     return data
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise TunelabError(f"{where}: malformed YAML ({what}{', column %d' % (mark.column + 1) if mark else ''})"
+                           ) from None
 
 
 def _explicit_names(argv: list[str]) -> frozenset[str]:
@@ -276,16 +289,25 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         argv = config_to_argv(config) + argv
     parser = build_parser(prog)
     argv = _cpu_bf16(underscored(argv, parser._option_string_actions))  # explicit names, too, are canonical
-    model, data, finetune, generation, training, run, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=False)
+    namespace, rest = parser.parse_known_args(argv)
     if rest:
         bad = rest[0]
         name = bad.lstrip("-").split("=", 1)[0]
         hint = closest(name, option_names()) if bad.startswith("-") else "options start with --"
         raise TunelabError(f"unknown option '{bad}': {hint}")
+    validate(vars(namespace))  # every range, before HF's dataclasses (or a model) see a value
+    model, data, finetune, generation, training, run = _build(parser, vars(namespace))
     explicit = _explicit_names(argv)
-    _check_eval_counts(generation)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
+
+
+def _build(parser: HfArgumentParser, values: dict[str, Any]) -> list[Any]:
+    """One instance of each option dataclass from the parsed values (as HfArgumentParser does); the
+    ValueErrors of HF's own checks (TrainingArguments.__post_init__) become one-line TunelabErrors."""
+    try:
+        return [cls(**{f.name: values[f.name] for f in fields(cls) if f.init}) for cls in parser.dataclass_types]
+    except ValueError as err:
+        raise TunelabError(" ".join(str(err).split())) from None
 
 
 def _cpu_bf16(argv: list[str]) -> list[str]:
@@ -304,13 +326,6 @@ def _with_generation_preset(generation: GenerationArguments, explicit: frozenset
     """The generation options with --generation_preset's values wherever no flag set them."""
     preset = GENERATION_PRESETS.get(generation.generation_preset or "", {})
     return replace(generation, **{k: v for k, v in preset.items() if k not in explicit})
-
-
-def _check_eval_counts(generation: GenerationArguments) -> None:
-    for name in ("max_generate_samples", "likelihood_topk"):
-        value = getattr(generation, name)
-        if value is not None and value < 1:
-            raise TunelabError(f"--{name} must be an integer >= 1 (got {value})")
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:

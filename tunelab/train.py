@@ -24,6 +24,7 @@ from typing import Any
 
 from tunelab import distributed
 from tunelab.hparams import Args, TunelabError, check_stage, parse_args
+from tunelab.validate import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def run(args: Args) -> dict[str, Any]:
 
     quiet_known_warnings()  # also for a study's worker processes, which do not pass through the CLI
     stage = check_stage(args.training)
+    check_inputs(args, stage)  # output dir and data sets, before any model loads
     if stage == "train":
         return run_train(args)
     from tunelab.evaluate import run_eval
@@ -84,6 +86,7 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab import methods, runinfo
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.logs import trainer_progress
+    from tunelab.nonfinite import NonFiniteGuard
     from tunelab.preprocess import build_dataset
     from tunelab.setup import setup_model, training_args
     from tunelab.trainer import TunelabTrainer
@@ -115,6 +118,7 @@ def run_train(args: Args) -> dict[str, Any]:
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
+    trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
         result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
