@@ -13,6 +13,7 @@ import pytest
 from test_study_efficiency import fake_calibrate
 from test_study_fakes import FailingRun, fake_run, read_calls, tiny_plans
 
+from tunelab import integrity
 from tunelab.hparams import TunelabError
 from tunelab.study import runner
 from tunelab.study.runner import read_row, run_study
@@ -78,6 +79,8 @@ def test_a_half_finished_training_resumes_from_its_newest_checkpoint(tmp_path):
     train_dir = tmp_path / plans[1].dir / "train"
     for step in (4, 12, 8):
         (train_dir / f"checkpoint-{step}").mkdir(parents=True)
+        integrity.mark_complete(train_dir / f"checkpoint-{step}", step)
+    (train_dir / "checkpoint-16").mkdir()  # killed while saving it: no completion marker
     stale_eval = tmp_path / plans[1].dir / "persona"
     stale_eval.mkdir(parents=True)
     (stale_eval / "half_written.jsonl").write_text("x")
@@ -91,6 +94,7 @@ def test_a_checkpoint_that_failed_to_resume_is_not_tried_again(tmp_path):
     _, plans = tiny_plans(tmp_path)
     train_dir = tmp_path / plans[1].dir / "train"
     (train_dir / "checkpoint-4").mkdir(parents=True)
+    integrity.mark_complete(train_dir / "checkpoint-4", 4)
     run_study(plans, tmp_path, run_fn=FailingRun("r01_lora_qkv_s42/train"), log=_quiet)
     stage = read_row(tmp_path / plans[1].dir)["stages"]["train"]
     assert stage == {"status": "failed", "resumed_from": str(train_dir / "checkpoint-4")}

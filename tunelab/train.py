@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str]) -> int:
-    run(parse_args(argv))
+    from tunelab.signals import Interrupted
+
+    try:
+        run(parse_args(argv))
+    except Interrupted as err:  # the run is marked interrupted and its last step checkpointed
+        print(f"tunelab: {err}: stopped; --resume_from_checkpoint true continues the run", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
@@ -57,41 +64,55 @@ def run(args: Args) -> dict[str, Any]:
     return run_eval(args, stage)
 
 
-def resolve_resume(args: Args) -> str | None:
-    value = args.training.resume_from_checkpoint
-    if not value:
-        return None
-    if str(value).lower() in ("true", "auto", "last", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(args.training.output_dir) if Path(args.training.output_dir).is_dir() else None
-        if last is None:
-            raise TunelabError(f"--resume_from_checkpoint: no checkpoint-* folder in {args.training.output_dir}")
-        return last
-    if not Path(value).is_dir():
-        raise TunelabError(f"--resume_from_checkpoint: checkpoint folder not found: {value}")
-    return str(value)
-
-
 def run_train(args: Args) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq, set_seed
-
-    from tunelab import methods, runinfo
-    from tunelab.layer_cache import lower_layer_cache
-    from tunelab.preprocess import build_dataset
-    from tunelab.setup import setup_model, training_args
-    from tunelab.trainer import TunelabTrainer
-
-    from tunelab.methods import get_method
+    """Check the output dir and the checkpoint to resume from, then train with run_status.json saying how it
+    went (tunelab/integrity.py); a signal stops it after the step with a checkpoint (tunelab/signals.py)."""
+    from tunelab import integrity, runinfo, signals
+    from tunelab.methods import get_method, split_checkpoints
+    from tunelab.resume import clear_old_checkpoints, resolve_resume
+    from tunelab.setup import training_args
 
     if not get_method(args.finetune.finetuning_type).trains:
         raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
                            "--do_predict")
     out = runinfo.check_output_dir(args)
-    resume = resolve_resume(args)
+    resume = resolve_resume(args.training.resume_from_checkpoint, out)
+    if args.run.overwrite_output_dir and not resume:
+        clear_old_checkpoints(out, split_checkpoints(args.model.checkpoint_dir))
     training, _ = distributed.setup(training_args(args))
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
+    main = distributed.is_main()
+    with signals.graceful():
+        if main:
+            integrity.set_status(out, "running", resumed_from=resume)
+        try:
+            metrics = _train(args, out, resume)
+        except KeyboardInterrupt as err:
+            if main:
+                integrity.set_status(out, "interrupted", f"{err}: --resume_from_checkpoint true continues it")
+            raise
+        except BaseException as err:
+            if main:
+                integrity.set_status(out, "failed", f"{type(err).__name__}: {err}")
+            raise
+        if main:
+            integrity.set_status(out, "done")
+    return metrics
+
+
+def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
+    """Model -> data -> method -> the shared trainer -> weights, trainer_state.json, train_results.json."""
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from tunelab import methods, runinfo, signals
+    from tunelab.integrity import checkpoint_step
+    from tunelab.layer_cache import lower_layer_cache
+    from tunelab.preprocess import build_dataset
+    from tunelab.resume import Bookkeeping, whole_run_loss
+    from tunelab.setup import setup_model
+    from tunelab.trainer import TunelabTrainer
+
     # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base
     loaded = setup_model(args, "train")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -106,14 +127,19 @@ def run_train(args: Args) -> dict[str, Any]:
     trainer = TunelabTrainer(
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-        method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
+        method_info=info, base_model=loaded.base_path, run_args=args.to_dict(), callbacks=[Bookkeeping()])
+    signals.check()  # a signal during set-up: nothing trained yet, nothing to save
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
         result = trainer.train(resume_from_checkpoint=resume)
+    signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
     trainer.save_model()
-    metrics = dict(result.metrics)
+    metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
+    if resume:
+        metrics["train_resumed_from_step"] = checkpoint_step(resume)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    if trainer.is_world_process_zero():
+        runinfo.write_json(out / "trainer_state.json", dataclasses.asdict(trainer.state))
+        runinfo.save_results(out, "train", metrics)
     if args.finetune.plot_loss and distributed.is_main():
         from tunelab.plotting import plot_loss
 

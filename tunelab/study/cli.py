@@ -137,9 +137,9 @@ def main(argv: list[str]) -> int:
     runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides), text if Path(ns.spec).is_file() else None)
     try:
         records = runner.run_study(plans, study_dir, executor=executor)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (tunelab/signals.py): the running row is marked
         print(f"\ninterrupted: `tunelab study {study_dir}` continues where it stopped", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     paths = _write_report(study_dir)
     print(f"report: {paths['html']}")
     failed = [r.get("dir") for r in records if r.get("status") != "done"]
