@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def run(args: Args) -> dict[str, Any]:
 def run_train(args: Args) -> dict[str, Any]:
     """Check the output dir and the checkpoint to resume from, then train with run_status.json saying how it
     went (tunelab/integrity.py); a signal stops it after the step with a checkpoint (tunelab/signals.py)."""
-    from tunelab import integrity, runinfo, signals
+    from tunelab import runinfo, signals
     from tunelab.methods import get_method, split_checkpoints
     from tunelab.resume import clear_old_checkpoints, resolve_resume
     from tunelab.setup import training_args
@@ -82,31 +83,32 @@ def run_train(args: Args) -> dict[str, Any]:
     training, _ = distributed.setup(training_args(args))
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
-    main = distributed.is_main()
     with signals.graceful():
-        if main:
-            integrity.set_status(out, "running", resumed_from=resume)
         try:
-            metrics = _train(args, out, resume)
+            metrics = _train(args, out, resume)  # marks the run "running" once it writes into out
         except KeyboardInterrupt as err:
-            if main:
-                integrity.set_status(out, "interrupted", f"{err}: --resume_from_checkpoint true continues it")
+            _mark_if_started(out, "interrupted", f"{err}: --resume_from_checkpoint true continues it")
             raise
         except BaseException as err:
-            if main:
-                integrity.set_status(out, "failed", f"{type(err).__name__}: {err}")
+            _mark_if_started(out, "failed", f"{type(err).__name__}: {err}")
             raise
-        if main:
-            integrity.set_status(out, "done")
     return metrics
+
+
+def _mark_if_started(out: Path, status: str, error: str) -> None:
+    """Record how this process's run ended; a run that failed before writing anything leaves nothing."""
+    from tunelab import integrity
+
+    before = integrity.read_status(out)
+    if distributed.is_main() and before.get("status") == "running" and before.get("pid") == os.getpid():
+        integrity.set_status(out, status, error)
 
 
 def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     """Model -> data -> method -> the shared trainer -> weights, trainer_state.json, train_results.json."""
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from tunelab import methods, runinfo, signals
-    from tunelab.integrity import checkpoint_step
+    from tunelab import integrity, methods, runinfo, signals
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
     from tunelab.resume import Bookkeeping, whole_run_loss
@@ -124,6 +126,7 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     if distributed.is_main():
         print(info.summary(), flush=True)
         runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
+        integrity.set_status(out, "running", resumed_from=resume)
     trainer = TunelabTrainer(
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
@@ -135,11 +138,12 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     trainer.save_model()
     metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
     if resume:
-        metrics["train_resumed_from_step"] = checkpoint_step(resume)
+        metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
     trainer.log_metrics("train", metrics)
     if trainer.is_world_process_zero():
         runinfo.write_json(out / "trainer_state.json", dataclasses.asdict(trainer.state))
-        runinfo.save_results(out, "train", metrics)
+        integrity.set_status(out, "done")  # the weights and state are whole: --checkpoint_dir may load them
+        runinfo.save_results(out, "train", metrics)  # last: a study reads it as "this stage finished"
     if args.finetune.plot_loss and distributed.is_main():
         from tunelab.plotting import plot_loss
 
