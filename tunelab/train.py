@@ -101,7 +101,10 @@ def _mark_if_started(out: Path, status: str, error: str) -> None:
 
     before = integrity.read_status(out)
     if distributed.is_main() and before.get("status") == "running" and before.get("pid") == os.getpid():
-        integrity.set_status(out, status, error)
+        try:
+            integrity.set_status(out, status, error)
+        except OSError as err:  # the disk that failed the run may fail this too; the run's own error matters
+            logger.warning("could not record the run as %s in %s: %s", status, out, err)
 
 
 def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
