@@ -14,7 +14,7 @@ import pytest
 from conftest import write_tiny_dataset
 from test_train import losses, train_argv
 
-from tunelab import integrity, signals
+from tunelab import integrity
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.hparams import parse_args
