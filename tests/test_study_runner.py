@@ -13,6 +13,7 @@ import pytest
 from test_study_efficiency import fake_calibrate
 from test_study_fakes import FailingRun, fake_run, read_calls, tiny_plans
 
+from tunelab import integrity
 from tunelab.hparams import TunelabError
 from tunelab.study import runner
 from tunelab.study.runner import read_row, run_study
@@ -78,6 +79,8 @@ def test_a_half_finished_training_resumes_from_its_newest_checkpoint(tmp_path):
     train_dir = tmp_path / plans[1].dir / "train"
     for step in (4, 12, 8):
         (train_dir / f"checkpoint-{step}").mkdir(parents=True)
+        integrity.mark_complete(train_dir / f"checkpoint-{step}", step)
+    (train_dir / "checkpoint-16").mkdir()  # killed while saving it: no completion marker
     stale_eval = tmp_path / plans[1].dir / "persona"
     stale_eval.mkdir(parents=True)
     (stale_eval / "half_written.jsonl").write_text("x")
@@ -91,6 +94,7 @@ def test_a_checkpoint_that_failed_to_resume_is_not_tried_again(tmp_path):
     _, plans = tiny_plans(tmp_path)
     train_dir = tmp_path / plans[1].dir / "train"
     (train_dir / "checkpoint-4").mkdir(parents=True)
+    integrity.mark_complete(train_dir / "checkpoint-4", 4)
     run_study(plans, tmp_path, run_fn=FailingRun("r01_lora_qkv_s42/train"), log=_quiet)
     stage = read_row(tmp_path / plans[1].dir)["stages"]["train"]
     assert stage == {"status": "failed", "resumed_from": str(train_dir / "checkpoint-4")}
@@ -240,3 +244,39 @@ def test_tiny_study_end_to_end(tiny_llama_dir, tmp_path):
     assert "| 3 | p_tuning | prefix | all | no | 512 |" in report
     assert main(argv) == 0  # a rerun finds every row done
     assert all(json.loads((p / "row.json").read_text())["attempts"] == 1 for p in (out / "rows").iterdir())
+
+
+# ---- the files of an earlier start are checked on every start ----
+
+def test_a_done_row_with_an_unreadable_results_file_is_redone_with_a_warning(tmp_path):
+    _, plans = tiny_plans(tmp_path)
+    run_study(plans, tmp_path, run_fn=fake_run, log=_quiet)
+    bad = tmp_path / plans[1].dir / "persona/predict_results.json"
+    bad.write_text('{"predict_bleu-4": 1')  # corrupted
+    lines = []
+    n = len(read_calls(tmp_path))
+    records = run_study(plans, tmp_path, run_fn=fake_run, log=lines.append)
+    assert any("r01_lora_qkv_s42 was done but persona/predict_results.json" in line for line in lines)
+    assert [c["stage"] for c in read_calls(tmp_path)[n:]] == [f"{plans[1].dir}/persona"]  # only that stage
+    assert all(r["status"] == "done" for r in records) and json.loads(bad.read_text())
+
+
+def test_an_unreadable_row_json_reruns_the_row_keeping_its_finished_stages(tmp_path, caplog):
+    _, plans = tiny_plans(tmp_path)
+    run_study(plans, tmp_path, run_fn=fake_run, log=_quiet)
+    (tmp_path / plans[2].dir / "row.json").write_text("{\"status\": \"do")
+    n = len(read_calls(tmp_path))
+    run_study(plans, tmp_path, run_fn=fake_run, log=_quiet)
+    assert "row.json is unreadable" in caplog.text
+    assert read_calls(tmp_path)[n:] == []  # every stage's results were whole: nothing recomputed
+    assert read_row(tmp_path / plans[2].dir)["status"] == "done"
+
+
+def test_an_unreadable_plan_json_is_one_line(tmp_path):
+    from tunelab.study.cli import main
+
+    (tmp_path / "spec.yaml").write_text((REPO / "examples/study_tiny.yaml").read_text())
+    (tmp_path / "plan.json").write_text('{"rows": [')
+    for argv in ([str(tmp_path)], [str(tmp_path), "--report_only"]):
+        with pytest.raises(TunelabError, match="plan.json is unreadable .*restart from the spec"):
+            main(argv)

@@ -154,7 +154,9 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
 
 def write_predictions(path: Path, dataset, preds: list[str], indices: list[int]) -> None:
     """generated_predictions.jsonl: {"index", "prompt", "predict", "label"} per generated sample."""
-    with path.open("w", encoding="utf-8") as f:
+    from tunelab.integrity import atomic_open
+
+    with atomic_open(path) as f:  # a temp file renamed when complete
         for i, pred in zip(indices, preds):
             row = dataset[i]
             line = {"index": i, "prompt": row["prompt"], "predict": pred, "label": row["label"]}

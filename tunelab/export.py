@@ -112,10 +112,17 @@ def check_checkpoints(ckpts: list[str]) -> list[dict]:
     return metas
 
 
-def check_export_dir(path: str | None, overwrite: bool) -> Path:
+def check_export_dir(path: str | None, overwrite: bool, ckpts: list[str] = ()) -> Path:
+    """The export folder: refused when it is used (unless `overwrite`), or when it is, lies inside or holds
+    one of the checkpoints it exports (replacing it would delete them)."""
     if not path:
         raise TunelabError("give --export_dir: the folder to write the merged model into")
     out = Path(path)
+    for ckpt in ckpts:
+        here, there = out.resolve(), Path(ckpt).resolve()
+        if here.is_relative_to(there) or there.is_relative_to(here):
+            raise TunelabError(f"--export_dir {out} {'is' if here == there else 'overlaps'} the checkpoint {ckpt}: "
+                               "writing the export there would delete it; choose another folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise TunelabError(f"export directory {out} is not empty: pass --overwrite_output_dir to replace it")
     return out
@@ -130,7 +137,7 @@ def export(args: Args, opts: ExportArguments) -> Path:
 
     ckpts = split_checkpoints(args.model.checkpoint_dir)
     metas = check_checkpoints(ckpts)
-    out = check_export_dir(opts.export_dir, args.run.overwrite_output_dir)
+    out = check_export_dir(opts.export_dir, args.run.overwrite_output_dir, ckpts)
     shard_bytes = parse_size(opts.export_size)
     loaded = setup_model(args, "export")  # LoRA merged; freeze/full are plain weights now
     model, tokenizer, data = loaded.model.to(getattr(torch, opts.export_dtype)), loaded.tokenizer, loaded.args.data

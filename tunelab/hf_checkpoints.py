@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunelab import methods
+from tunelab import integrity, methods
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class PickleFreeCheckpoints:
         methods.save_trainable(model, output_dir, self.method_info, self.base_model, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        Path(output_dir, "tunelab_args.json").write_text(json.dumps(self.run_args, indent=2), encoding="utf-8")
+        integrity.write_json(Path(output_dir, "tunelab_args.json"), self.run_args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)

@@ -258,7 +258,10 @@ def aggregate(scores: Scores) -> dict[str, Any]:
 
 
 def write_records(path: Path, lines: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
+    """likelihood.jsonl, through a temp file renamed when complete."""
+    from tunelab.integrity import atomic_open
+
+    with atomic_open(path) as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
 

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunelab import integrity
 from tunelab.hparams import Args, TunelabError
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,15 @@ def environment(seed: int) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)
+    """Through a temp file renamed when complete (tunelab/integrity.py): never half a JSON file."""
+    integrity.write_json(path, data)
+
+
+def save_results(out: Path, split: str, metrics: dict[str, Any]) -> None:
+    """<split>_results.json, and the metrics merged into all_results.json (what HF's save_metrics writes)."""
+    merged = integrity.read_json(out / "all_results.json")
+    write_json(out / "all_results.json", {**(merged if isinstance(merged, dict) else {}), **metrics})
+    write_json(out / f"{split}_results.json", metrics)  # last: a study reads it as "this stage finished"
 
 
 def write_run_files(out: Path, args: Args, extra: dict[str, Any] | None = None) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str], prog: str = "tunelab train") -> int:
-    run(parse_args(argv, prog=prog))
+    from tunelab.signals import Interrupted
+
+    try:
+        run(parse_args(argv, prog=prog))
+    except Interrupted as err:  # the run is marked interrupted and its last step checkpointed
+        print(f"tunelab: {err}: stopped; --resume_from_checkpoint true continues the run", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
@@ -64,44 +72,62 @@ def run(args: Args) -> dict[str, Any]:
     return run_eval(args, stage)
 
 
-def resolve_resume(args: Args) -> str | None:
-    value = args.training.resume_from_checkpoint
-    if not value:
-        return None
-    if str(value).lower() in ("true", "auto", "last", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(args.training.output_dir) if Path(args.training.output_dir).is_dir() else None
-        if last is None:
-            raise TunelabError(f"--resume_from_checkpoint: no checkpoint-* folder in {args.training.output_dir}")
-        return last
-    if not Path(value).is_dir():
-        raise TunelabError(f"--resume_from_checkpoint: checkpoint folder not found: {value}")
-    return str(value)
-
-
 def run_train(args: Args) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq, set_seed
-
-    from tunelab import methods, runinfo
-    from tunelab.layer_cache import lower_layer_cache
+    """Check the output dir and the checkpoint to resume from, then train with run_status.json saying how it
+    went (tunelab/integrity.py); a signal stops it after the step with a checkpoint (tunelab/signals.py)."""
+    from tunelab import runinfo, signals
+    from tunelab.methods import get_method, split_checkpoints
     from tunelab.logs import trainer_progress
-    from tunelab.nonfinite import NonFiniteGuard
-    from tunelab.preprocess import build_dataset
-    from tunelab.setup import setup_model, training_args
-    from tunelab.trainer import TunelabTrainer
-
-    from tunelab.methods import get_method
+    from tunelab.resume import clear_old_checkpoints, resolve_resume
+    from tunelab.setup import training_args
 
     if not get_method(args.finetune.finetuning_type).trains:
         raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
                            "--do_predict")
     out = runinfo.check_output_dir(args)
-    resume = resolve_resume(args)
+    resume = resolve_resume(args.training.resume_from_checkpoint, out)
+    if args.run.overwrite_output_dir and not resume:
+        clear_old_checkpoints(out, split_checkpoints(args.model.checkpoint_dir))
     training, _ = distributed.setup(training_args(args))
     training = trainer_progress(training, args.explicit)  # a line per logging step when stderr is a file
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
+    with signals.graceful():
+        try:
+            metrics = _train(args, out, resume)  # marks the run "running" once it writes into out
+        except KeyboardInterrupt as err:
+            _mark_if_started(out, "interrupted", f"{err}: --resume_from_checkpoint true continues it")
+            raise
+        except BaseException as err:
+            _mark_if_started(out, "failed", f"{type(err).__name__}: {err}")
+            raise
+    return metrics
+
+
+def _mark_if_started(out: Path, status: str, error: str) -> None:
+    """Record how this process's run ended; a run that failed before writing anything leaves nothing."""
+    from tunelab import integrity
+
+    before = integrity.read_status(out)
+    if distributed.is_main() and before.get("status") == "running" and before.get("pid") == os.getpid():
+        try:
+            integrity.set_status(out, status, error)
+        except OSError as err:  # the disk that failed the run may fail this too; the run's own error matters
+            logger.warning("could not record the run as %s in %s: %s", status, out, err)
+
+
+def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
+    """Model -> data -> method -> the shared trainer -> weights, trainer_state.json, train_results.json."""
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from tunelab import integrity, methods, runinfo, signals
+    from tunelab.layer_cache import lower_layer_cache
+    from tunelab.nonfinite import NonFiniteGuard
+    from tunelab.preprocess import build_dataset
+    from tunelab.resume import Bookkeeping, whole_run_loss
+    from tunelab.setup import setup_model
+    from tunelab.trainer import TunelabTrainer
+
     # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base
     loaded = setup_model(args, "train")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -114,18 +140,25 @@ def run_train(args: Args) -> dict[str, Any]:
     if distributed.is_main():
         print(info.summary(), flush=True)
         runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
+        integrity.set_status(out, "running", resumed_from=resume)
     trainer = TunelabTrainer(
         model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-        method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
+        method_info=info, base_model=loaded.base_path, run_args=args.to_dict(), callbacks=[Bookkeeping()])
     trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
+    signals.check()  # a signal during set-up: nothing trained yet, nothing to save
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
         result = trainer.train(resume_from_checkpoint=resume)
+    signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
     trainer.save_model()
-    metrics = dict(result.metrics)
+    metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
+    if resume:
+        metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    if trainer.is_world_process_zero():
+        runinfo.write_json(out / "trainer_state.json", dataclasses.asdict(trainer.state))
+        integrity.set_status(out, "done")  # the weights and state are whole: --checkpoint_dir may load them
+        runinfo.save_results(out, "train", metrics)  # last: a study reads it as "this stage finished"
     if distributed.is_main():
         if args.finetune.plot_loss:
             from tunelab.plotting import plot_loss

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from tunelab import integrity
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze, full, lora, none, p_tuning
 from tunelab.methods.base import Method, MethodInfo, count_params
@@ -87,9 +88,19 @@ def save_trainable(model: nn.Module, out_dir: str | Path, info: MethodInfo, base
     if method.trains and not any((out / name).is_file() for name in method.weight_files):
         raise TunelabError(f"method '{method.name}' saved no weights into {out} "
                            f"(expected one of {', '.join(method.weight_files)})")
-    meta = {**info.to_dict(), "base_model": base_model}
-    (out / METHOD_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    # written last, through a temp file, with the sizes of the weight files: a truncated one is refused
+    meta = {**info.to_dict(), "base_model": base_model, "files": integrity.file_sizes(out, _weight_files(out, method))}
+    integrity.write_json(out / METHOD_FILE, meta)
     apply_umask(out, recursive=False)  # safetensors writes 0600 files
+
+
+def _weight_files(out: Path, method: Method) -> list[str]:
+    """The method's weight files in out, with the shards a *.index.json among them names."""
+    names = list(method.weight_files)
+    for name in method.weight_files:
+        if name.endswith(".index.json") and (out / name).is_file():
+            names += sorted(set(json.loads((out / name).read_text(encoding="utf-8"))["weight_map"].values()))
+    return names
 
 
 def read_method(ckpt: str | Path) -> dict[str, Any]:
@@ -139,8 +150,14 @@ def load_checkpoints(model: nn.Module, checkpoints: list[str], merge: bool = Tru
 
 
 def split_checkpoints(checkpoint_dir: str | None) -> list[str]:
+    """--checkpoint_dir's folders; a missing or incomplete one (tunelab/integrity.py) is refused."""
     ckpts = [c.strip() for c in (checkpoint_dir or "").split(",") if c.strip()]
     for c in ckpts:
         if not Path(c).is_dir():
             raise TunelabError(f"checkpoint directory not found: {c}")
+        problem = integrity.checkpoint_problem(c)
+        if problem:
+            whole = integrity.complete_checkpoints(c if integrity.checkpoint_step(c) is None else Path(c).parent)
+            hint = f"; its last complete checkpoint is {whole[-1][1]}" if whole else ""
+            raise TunelabError(f"checkpoint {c} is incomplete: {problem}{hint}")
     return ckpts

@@ -72,9 +72,9 @@ def load(ns: argparse.Namespace):
     path = Path(ns.spec)
     overrides = parse_overrides(ns.overrides)
     if path.is_dir():
-        plan = json.loads((path / PLAN_FILE).read_text(encoding="utf-8")) if (path / PLAN_FILE).is_file() else {}
         if not (path / SPEC_FILE).is_file():
             raise TunelabError(f"{path} is not a study dir (no {SPEC_FILE}): give a study spec .yaml")
+        plan = read_plan(path)
         spec_file, study_dir = path / SPEC_FILE, path
         overrides = {**plan.get("set", {}), **overrides}
         scale = ns.scale or plan.get("scale")
@@ -88,6 +88,24 @@ def load(ns: argparse.Namespace):
     elif ns.output_dir:
         study_dir = Path(ns.output_dir)
     return spec, spec_file.read_text(encoding="utf-8"), scale, study_dir, overrides
+
+
+def read_plan(study_dir: Path) -> dict[str, Any]:
+    """plan.json of a study dir ({} when there is none); an unreadable one is reported in one line."""
+    path = study_dir / PLAN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        plan, reason = None, str(err)
+    else:
+        reason = "not a JSON object"
+    if not isinstance(plan, dict):
+        raise TunelabError(f"{path} is unreadable ({reason}): it records the study's scale and --set values; "
+                           f"restore it, or restart from the spec: tunelab study {study_dir / SPEC_FILE} "
+                           f"--output_dir {study_dir} [--scale ...] [--set ...] (finished rows are kept)")
+    return plan
 
 
 def validate_plans(plans) -> None:
@@ -137,9 +155,9 @@ def main(argv: list[str]) -> int:
     runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides), text if Path(ns.spec).is_file() else None)
     try:
         records = runner.run_study(plans, study_dir, executor=executor)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (tunelab/signals.py): the running row is marked
         print(f"\ninterrupted: `tunelab study {study_dir}` continues where it stopped", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     paths = _write_report(study_dir)
     print(f"report: {paths['html']}")
     failed = [r.get("dir") for r in records if r.get("status") != "done"]
@@ -168,6 +186,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
 def _report(study_dir: Path) -> int:
     if not (study_dir / PLAN_FILE).is_file():
         raise TunelabError(f"--report_only needs a study dir with {PLAN_FILE}, got {study_dir}")
+    read_plan(study_dir)  # an unreadable plan.json: one line saying so
     paths = _write_report(study_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -4,15 +4,18 @@
       spec.yaml, plan.json          the spec as given and the expanded plan (what the report reads)
       study.log                     one line per finished row, with the ETA
       rows/r07_freeze_qkv_first3_s42/
-        row.json                    status (pending/running/done/failed), error + traceback, timings
+        row.json                    status (running/done/failed/interrupted), error + traceback, timings
         row.log                     the row's log records
         train/ persona/ general/    ordinary tunelab run dirs (tunelab_args.json, results, predictions)
         trajectory/<set>/step-<N>/  with `eval_every: N`: likelihood-only evals of each checkpoint
                                     (tunelab/study/trajectory.py)
 
 A finished row is never redone: a rerun skips rows whose row.json says done, and inside an unfinished
-row skips stages whose results file exists. A half-finished training stage resumes from its newest
-`checkpoint-*` folder, otherwise it restarts clean. A failed row records its error and the study goes on.
+row skips stages whose results file exists and reads whole. A half-finished training stage resumes from
+its newest complete `checkpoint-*` folder, otherwise it restarts clean. A failed row records its error and
+the study goes on. Every start checks the row files: an unreadable row.json, or a done row whose results
+files do not read, is run again (with a warning). SIGINT / SIGTERM stop the running row after its current
+training step (tunelab/signals.py), mark it "interrupted" and end the study; rerunning resumes it.
 `workers > 1` runs rows in parallel processes, one device each when devices are given. Slurm and Ray
 (tunelab/study/executors.py) run the same `run_row` on other machines, so every executor leaves the
 same files and any of them can resume a study another one started.
@@ -23,10 +26,10 @@ runs, so this module imports without torch and tests pass a fake.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 import traceback
@@ -36,9 +39,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tunelab import integrity, signals
 from tunelab.errors import TunelabError
 from tunelab.names import PLAN_FILE, ROW_FILE, SPEC_FILE, results_file
 from tunelab.study import trajectory
+from tunelab.study.files import read_json_object
 from tunelab.study.progress import Progress, end_session, start_session
 from tunelab.study.spec import RowPlan
 
@@ -59,15 +64,45 @@ def default_run_fn(args) -> dict:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write through a temp file and rename, so a kill never leaves half a JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    integrity.write_json(path, data)
 
 
 def read_row(row_dir: Path) -> dict[str, Any]:
+    """row.json as a dict; {} when there is none. An unreadable one (a disk fault, a hand edit) also reads
+    as {} with a warning: the row runs again, keeping the stages whose results files are whole."""
     path = Path(row_dir) / ROW_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    data = integrity.read_json(path)
+    if not isinstance(data, dict):
+        logger.warning("%s is unreadable: the row runs again (its finished stages are kept)", path)
+        return {}
+    return data
+
+
+def _finished(out: Path, kind: str) -> bool:
+    """Whether a stage's results file (written last, atomically) is there and whole."""
+    return bool(read_json_object(out / RESULT_FILES[kind]))
+
+
+def check_row_files(plans: list[RowPlan], study_dir: Path, log: Callable[[str], None]) -> None:
+    """On every start: a row marked done whose results files are unreadable is redone. The unreadable files
+    are removed so exactly those stages run again (and, for a training stage, the evals after it)."""
+    for plan in plans:
+        row_dir = study_dir / plan.dir
+        record = read_row(row_dir)
+        if record.get("status") != "done":
+            continue
+        bad = [Path(cfg["output_dir"]) / RESULT_FILES["train" if stage == "train" else "eval"]
+               for stage, cfg in plan.stages()
+               if not _finished(Path(cfg["output_dir"]), "train" if stage == "train" else "eval")]
+        if not bad:
+            continue
+        log(f"warning: {plan.dir} was done but {', '.join(str(b.relative_to(row_dir)) for b in bad)} "
+            "is missing or unreadable: redoing those stages")
+        for path in bad:
+            path.unlink(missing_ok=True)
+        _write_json(row_dir / ROW_FILE, {**record, "status": "pending", "error": "results files unreadable"})
 
 
 def write_plan(study_dir: Path, plans: list[RowPlan], meta: dict[str, Any], spec_text: str | None) -> None:
@@ -108,12 +143,12 @@ def run_row(plan: RowPlan, study_dir: str | Path, run_fn: RunFn | None = None) -
     _write_json(row_dir / ROW_FILE, record)
     start = time.time()
     try:
-        with _row_log(row_dir / "row.log"):
+        with signals.graceful(), _row_log(row_dir / "row.log"):
             _run_stages(plan, record, row_dir, run_fn or default_run_fn)
         record["status"] = "done"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or a signal (signals.Interrupted)
         _mark_running(record, "interrupted")
-        record.update(status="interrupted", error="interrupted (Ctrl-C): rerun the study to continue")
+        record.update(status="interrupted", error=f"{err or 'interrupted (Ctrl-C)'}: rerun the study to continue")
         raise
     except Exception as err:  # a failed row must not stop the study: record it and move on
         _mark_running(record, "failed")
@@ -143,9 +178,10 @@ def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: Ru
     for stage, cfg in plan.stages():
         kind = "train" if stage == "train" else "eval"
         out = Path(cfg["output_dir"])
-        if (out / RESULT_FILES[kind]).is_file() and not (kind == "eval" and trained_now):
+        if _finished(out, kind) and not (kind == "eval" and trained_now):
             record["stages"].setdefault(stage, {})["status"] = "done"
             continue  # finished in an earlier attempt
+        signals.check()  # a signal since the last stage: stop here, the row is marked interrupted
         before = record["stages"].get(stage, {})
         avoid = before.get("resumed_from") if before.get("status") == "failed" else None
         cfg = _prepare_stage_dir(out, cfg, kind, avoid)
@@ -188,8 +224,8 @@ def _prepare_stage_dir(out: Path, cfg: dict[str, Any], kind: str, avoid: str | N
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The `checkpoint-<step>` folder with the highest step, or None."""
-    found = trajectory.checkpoints(out)
+    """The whole `checkpoint-<step>` folder with the highest step (tunelab/integrity.py), or None."""
+    found = integrity.complete_checkpoints(out)
     return found[-1][1] if found else None
 
 
@@ -243,6 +279,7 @@ def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None 
     study_dir = Path(study_dir)
     log = log or _study_logger(study_dir)
     check_resumable(plans, study_dir)
+    check_row_files(plans, study_dir, log)
     todo = [p for p in plans if read_row(study_dir / p.dir).get("status") != "done"]
     where = executor.describe() if executor is not None else (f"{workers} workers" if workers > 1 else "")
     log(f"study {study_dir}: {len(plans)} rows, {len(plans) - len(todo)} already done, {len(todo)} to run"
@@ -255,10 +292,11 @@ def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None 
     progress = Progress(todo, executor.parallelism(len(todo)) if executor is not None else workers, log, budget,
                         study_dir)
     try:
-        if executor is not None:
-            executor.run(todo, study_dir, run_fn, progress.update)
-        else:
-            run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
+        with signals.graceful():  # SIGINT/SIGTERM: the running row stops cleanly and is marked interrupted
+            if executor is not None:
+                executor.run(todo, study_dir, run_fn, progress.update)
+            else:
+                run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
     finally:
         end_session(study_dir, progress)
     return [read_row(study_dir / p.dir) for p in plans]
@@ -269,6 +307,7 @@ def run_rows(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, workers
     """Run `todo` on this machine, one at a time or on `workers` processes; on_done(plan, record) per row."""
     if workers <= 1 or len(todo) <= 1:
         for plan in todo:
+            signals.check()
             on_done(plan, run_row(plan, study_dir, run_fn))
     else:
         _run_parallel(todo, study_dir, run_fn, workers, devices, on_done)
@@ -317,14 +356,36 @@ def _run_parallel(todo: list[RowPlan], study_dir: Path, run_fn: RunFn | None, wo
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads)) as pool:
         pending: dict[Future, RowPlan] = {pool.submit(run_row, p, study_dir, run_fn): p for p in todo}
         try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    plan = pending.pop(future)
-                    on_done(plan, _result(future, plan, study_dir))
+            _collect(pool, pending, study_dir, on_done)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        signals.check()
+
+
+def _collect(pool: ProcessPoolExecutor, pending: dict[Future, RowPlan], study_dir: Path,
+             on_done: Callable[[RowPlan, dict[str, Any]], None]) -> None:
+    """Hand each finished row to on_done. On a signal: rows not started are cancelled, and a SIGTERM is passed
+    on to the workers (a terminal's Ctrl-C reaches them itself), whose rows stop cleanly and are recorded."""
+    import multiprocessing
+
+    forwarded = False
+    while pending:
+        finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        if signals.requested() is not None and not forwarded:
+            forwarded = True
+            pool.shutdown(wait=False, cancel_futures=True)
+            if signals.requested() == signal.SIGTERM:
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal.SIGTERM)
+        for future in finished:
+            plan = pending.pop(future)
+            if future.cancelled():
+                continue
+            if isinstance(future.exception(), KeyboardInterrupt):  # the worker's row stopped on a signal
+                on_done(plan, read_row(study_dir / plan.dir))
+            else:
+                on_done(plan, _result(future, plan, study_dir))
 
 
 def _result(future: Future, plan: RowPlan, study_dir: Path) -> dict[str, Any]:
