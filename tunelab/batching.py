@@ -218,9 +218,9 @@ def run_batch(gens: list[Generation]) -> None:
     engine, kwargs = gens[0].engine, gens[0].kwargs
     eos = set(_ids(kwargs.get("eos_token_id")))
     rows = [_Row(g, i, p, eos) for g in gens for i, p in enumerate(g.row_prompts)]
-    for row, budget in zip(rows, _budgets([r.prompt for r in rows], kwargs, engine.model)):
-        row.budget = budget
-        if budget <= 0:  # the prompt alone fills max_length
+    for row in rows:
+        row.budget = _budgets([row.prompt], row.gen.kwargs, engine.model)[0]  # each request its own max_tokens
+        if row.budget <= 0:  # the prompt alone fills max_length
             row.end("length", engine.decoder)
     live = [r for r in rows if not r.done]
     try:
