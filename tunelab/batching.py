@@ -76,6 +76,7 @@ class Generation:
         self.submitted = time.monotonic()
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._listener = None
 
     @property
     def size(self) -> int:
@@ -116,6 +117,26 @@ class Generation:
         """Text pieces (of every choice; with n = 1 simply the answer)."""
         return (piece for _, piece in self.events())
 
+    def take(self) -> tuple[list[tuple[int, str]], bool]:
+        """The (choice index, piece)s generated since the last call, without waiting; and whether it is over.
+        (For an event loop: `listen` says when to call again.)"""
+        items, over = [], False
+        while not over:
+            try:
+                item = self._pieces.get_nowait()
+            except queue.Empty:
+                break
+            over = item is None
+            if not over:
+                items.append(item)
+        return items, over
+
+    def listen(self, callback) -> None:
+        """Call `callback()` (from the worker thread) after each new piece and at the end."""
+        self._listener = callback
+        if self.done.is_set():
+            callback()
+
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
@@ -130,6 +151,11 @@ class Generation:
 
     def _put(self, index: int, piece: str) -> None:
         self._pieces.put((index, piece))
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._listener is not None:
+            self._listener()
 
     def _end_row(self, index: int, reply: Reply) -> None:
         with self._lock:
@@ -141,6 +167,7 @@ class Generation:
             self._pieces.put(None)
             self.engine._leave()
             self.done.set()
+            self._notify()
 
     def _end_unstarted(self) -> None:
         for i, prompt in enumerate(self.row_prompts):
