@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from tunelab.batching import Generation, Reply
@@ -24,20 +24,32 @@ MAX_CHOICES = 16  # n
 MAX_STOPS = 16  # OpenAI takes 4; LangChain-style clients may send a few more
 MAX_PROMPTS = 16  # /v1/completions prompt lists
 
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"); no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode at character {err.start} (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOPS)] | None
 
 
 # ---- request bodies ----
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -80,7 +92,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: Literal[False] = False  # echo, logprobs, suffix and best_of > 1 are not offered (a 400 says so)
     logprobs: None = None
@@ -107,8 +119,8 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # a union (str | list) reports its branch ('stop.str'); name the field the client sent
-    loc = [p for p in loc if p not in ("str", "list[str]", "list[TextPart]", "function-after[]")]
+    # a union (str | list) reports its branch ('stop.list[str].0'); name the field the client sent
+    loc = [p for p in loc if not ("[" in p or p in ("str", "int", "float", "bool", "none"))]
     param = ".".join(loc) or None
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
 
