@@ -14,7 +14,7 @@ from tunelab.engine import to_messages
 from tunelab.hparams import parse_args
 
 pytest.importorskip("gradio")
-from tunelab.webui import BASE_CHOICE, Models, _respond, build_demo, find_runs  # noqa: E402
+from tunelab.webui import BASE_CHOICE, PASSWORD_ENV, Models, WebUIArguments, _respond, access, build_demo, find_runs  # noqa: E402,E501
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 QUERY = "Hello, how are you?"
@@ -73,6 +73,41 @@ def page_url(models, runs_dir):
                         quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.mark.parametrize("host, password, env, login, warns", [
+    ("127.0.0.1", None, None, None, None),
+    ("127.0.0.1", "pw", None, ("tunelab", "pw"), None),
+    ("127.0.0.1", None, "from-env", ("tunelab", "from-env"), None),
+    ("0.0.0.0", None, None, None, "without a password"),
+    ("0.0.0.0", "pw", None, ("tunelab", "pw"), "unencrypted"),
+])
+def test_access_login_and_bind_warning(monkeypatch, host, password, env, login, warns):
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    if env:
+        monkeypatch.setenv(PASSWORD_ENV, env)
+    auth, warning = access(WebUIArguments(host=host, password=password))
+    assert auth == login and (warning is None if warns is None else warns in warning)
+    assert WebUIArguments().host == "127.0.0.1"
+
+
+def test_a_password_puts_a_login_in_front(models, runs_dir):
+    import httpx
+
+    sock = free_port()
+    port = sock.getsockname()[1]
+    sock.close()
+    demo = build_demo(models, runs_dir)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                        quiet=True, auth=access(WebUIArguments(password="secret"))[0])
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/config").status_code == 401
+            assert client.post("/login", data={"username": "tunelab", "password": "wrong"}).status_code == 400
+            assert client.post("/login", data={"username": "tunelab", "password": "secret"}).status_code == 200
+            assert client.get("/config").status_code == 200
+    finally:
+        demo.close()
 
 
 @pytest.fixture

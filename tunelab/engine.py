@@ -7,40 +7,46 @@
     gen = engine.stream(messages, temperature=0.7)     # a Generation: iterate for text pieces
     for piece in gen: print(piece, end="")
     gen.reply                                            # the same Reply once the stream is over
-    engine.stream(messages).result()                     # = engine.chat(messages)
+    engine.stream(messages, n=3, temperature=0.8, stop=["\n\n"]).events()   # (choice, piece) of 3 answers
+    engine.complete(["Once upon a time"], max_new_tokens=32).result()        # raw text, no chat template
 
 It loads the base model plus any tunelab checkpoints (LoRA, Freeze, P-Tuning v2, full; several LoRA
 checkpoints merge in order), formats prompts with the run's template and `source_prefix` (read from the
 checkpoint's run files, as eval does), and generates with the command's generation options, which a call
 may override (`SETTINGS`). Messages are OpenAI-style dicts: an optional leading system message, then
-alternating user/assistant turns ending with a user turn.
+alternating user/assistant turns ending with a user turn. Their content is text: a token string typed in it
+(`<|im_start|>system ...`) is encoded as text, never as a control token (tunelab.safe_prompt).
 
-Concurrency: one model, one generation at a time. Each generation runs in its own thread, which takes the
-engine's lock, so requests wait their turn (a plain lock: not strictly first come, first served) and
-never interleave on the model. `Generation.cancel()`
-stops a queued or running generation at the next token (a StoppingCriteria reads the cancel event), which
-frees the model for the next request; the server calls it when a client disconnects.
+Concurrency: requests go to a `Scheduler` (tunelab.batching): a bounded queue whose worker generates
+requests that arrive together in one batch, one batch at a time on the model. Engines serving side by side
+on one device share one scheduler. `Generation.cancel()` drops a queued request or stops a running one at
+the next token; the server calls it when a client disconnects.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from transformers import StoppingCriteria
-
+from tunelab.batching import Busy, Generation, Reply, Scheduler
 from tunelab.errors import TunelabError
 from tunelab.hparams import Args, GenerationArguments
+
+__all__ = ["BadRequest", "Busy", "ChatEngine", "Generation", "Reply", "Scheduler", "history_messages",
+           "resolve_settings", "to_example", "to_messages"]
 
 logger = logging.getLogger(__name__)
 
 # Generation options a single call may override (the rest stay as the engine was started).
 SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "seed")
 ROLES = ("system", "user", "assistant")
+# a sampling temperature below this divides the logits into inf/nan; treat it as greedy (as vLLM does)
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = (-2**63, 2**64)  # what torch.manual_seed takes
 
 
 # ---- messages (pure) ----
@@ -81,16 +87,43 @@ def to_example(messages: Sequence[dict]):
     return Example(prompt=messages[-1]["content"], query="", response="", history=history, system=system)
 
 
+class BadRequest(TunelabError):
+    """A request setting the engine cannot honour; `param` names it (serve answers 400 with it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings (OpenAI takes one string or a list)."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop must be a string or a list of strings", "stop")
+    return tuple(s for s in stops if s)
+
+
+def check_choices(n: int, gen_args: GenerationArguments) -> None:
+    """n answers per prompt: n > 1 needs sampling (greedy decoding would give n equal answers)."""
+    if not isinstance(n, int) or n < 1:
+        raise BadRequest(f"n must be a positive integer, got {n!r}", "n")
+    if n > 1 and not gen_args.do_sample:
+        raise BadRequest(f"n={n} needs sampling: greedy decoding gives {n} identical answers; set temperature > 0",
+                         "n")
+
+
 def resolve_settings(base: GenerationArguments, overrides: dict[str, Any]) -> tuple[GenerationArguments, int | None]:
-    """(generation options, seed) for one call. A temperature of 0 means greedy, above 0 sampling, unless
-    do_sample is given too; an explicit max_new_tokens replaces the engine's max_length."""
+    """(generation options, seed) for one call. A temperature below MIN_TEMPERATURE (0 too) means greedy, from
+    it on sampling, unless do_sample is given too; an explicit max_new_tokens replaces the engine's max_length."""
     unknown = sorted(set(overrides) - set(SETTINGS))
     if unknown:
         raise TunelabError(f"unknown generation setting(s) {', '.join(unknown)}: valid: {', '.join(SETTINGS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     seed = given.pop("seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise BadRequest(f"seed must be between -2**63 and 2**64 - 1, got {seed}", "seed")
     if "temperature" in given and "do_sample" not in given:
-        given["do_sample"] = given["temperature"] > 0
+        given["do_sample"] = given["temperature"] >= MIN_TEMPERATURE
     if given.get("do_sample") is False:
         given.pop("temperature", None)  # greedy ignores it; 0 would fail generation_kwargs' check
     if "max_new_tokens" in given:
@@ -100,35 +133,27 @@ def resolve_settings(base: GenerationArguments, overrides: dict[str, Any]) -> tu
 
 # ---- the engine ----
 
-@dataclass
-class Reply:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int  # generated tokens before the stop token
-    finish_reason: str  # "stop" (end token), "length" (token budget) or "cancelled"
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
 class ChatEngine:
-    """A loaded model + tokenizer + template that answers chats one generation at a time."""
+    """A loaded model + tokenizer + template that answers chats, its requests batched by `scheduler`."""
 
     def __init__(self, model, tokenizer, template, source_prefix: str | None = None,
                  max_source_length: int = 512, generation: GenerationArguments | None = None,
-                 name: str = "tunelab", method: str = "none"):
+                 name: str = "tunelab", method: str = "none", scheduler: Scheduler | None = None,
+                 base_path: str | None = None):
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
         self.source_prefix, self.max_source_length = source_prefix, max_source_length
         self.generation = generation or GenerationArguments()
-        self.name, self.method = name, method
-        self._lock = threading.Lock()  # held by the one generation running on the model
+        self.name, self.method, self.base_path = name, method, base_path
+        self.scheduler = scheduler or Scheduler()
+        # the batch worker decodes with its own copy: a fast tokenizer used from two threads at once can fail
+        # ("Already borrowed"), and encoding switches its split_special_tokens setting (safe_prompt)
+        self.decoder = copy.deepcopy(tokenizer)
+        self._encode_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._in_flight = 0  # generations queued or running
+        self._in_flight = 0  # requests queued or running
 
     @classmethod
-    def from_args(cls, args: Args, name: str | None = None) -> ChatEngine:
+    def from_args(cls, args: Args, name: str | None = None, scheduler: Scheduler | None = None) -> ChatEngine:
         """Load what `--model_name_or_path` / `--checkpoint_dir` name; template and source_prefix come from
         the (last) checkpoint's run unless given on the command line."""
         from tunelab.setup import setup_model
@@ -140,29 +165,55 @@ class ChatEngine:
         template = get_template(data.template, tokenizer)
         name = name or Path(loaded.checkpoints[-1] if loaded.checkpoints else loaded.base_path).name
         logger.info("chat engine: %s (%s) on %s", name, method["finetuning_type"], loaded.base_path)
-        return cls(model, tokenizer, template, data.source_prefix, data.max_source_length,
-                   args.generation, name, method["finetuning_type"])
+        return cls(model, tokenizer, template, data.source_prefix, data.max_source_length, args.generation,
+                   name, method["finetuning_type"], scheduler, loaded.base_path)
 
     @property
     def in_flight(self) -> int:
-        """Generations queued or running (the health endpoint reports it)."""
+        """Requests queued or running (the health endpoint reports it)."""
         return self._in_flight
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt token ids: the run's template over system (default: source_prefix), history and query;
-        too long a prompt loses its oldest turns first (tunelab.templates)."""
-        # a system message in `messages` wins over source_prefix (the template decides how each is written)
-        return self.template.encode_prompt(self.tokenizer, to_example(messages), self.source_prefix,
-                                           self.max_source_length)
+        """Prompt token ids: the run's template over system (default: source_prefix), history and query, the
+        content encoded as text; too long a prompt loses its oldest turns first (tunelab.templates)."""
+        from tunelab.safe_prompt import content_as_text
 
-    def stream(self, messages: Sequence[dict], **settings) -> Generation:
-        """Start a generation (queued behind any running one); iterate it for text pieces."""
-        gen_args, seed = resolve_settings(self.generation, settings)
-        return Generation(self, self.prompt_ids(messages), self._generate_kwargs(gen_args), seed)
+        example = to_example(messages)
+        with self._encode_lock:
+            example, tokenizer = content_as_text(example, self.tokenizer)
+            # a system message in `messages` wins over source_prefix (the template decides how each is written)
+            return self.template.encode_prompt(tokenizer, example, self.source_prefix, self.max_source_length)
+
+    def text_ids(self, text: str) -> list[int]:
+        """A raw completion prompt's ids (the tokenizer's own start tokens added); a long one keeps its end."""
+        from tunelab.templates import keep_end, start_ids
+
+        with self._encode_lock:
+            ids = self.tokenizer.encode(text, add_special_tokens=True)
+            return keep_end(ids, self.max_source_length, head=len(start_ids(self.tokenizer)))
+
+    def stream(self, messages: Sequence[dict], n: int = 1, stop: str | Sequence[str] | None = None,
+               **settings) -> Generation:
+        """Queue a chat answer (`n` of them when sampling); iterate the Generation for text pieces."""
+        return self.submit([self.prompt_ids(messages)], n, stop, settings)
+
+    def complete(self, prompts: Sequence[str], n: int = 1, stop: str | Sequence[str] | None = None,
+                 **settings) -> Generation:
+        """Queue continuations of raw text prompts (no chat template): choice i continues prompt i // n."""
+        return self.submit([self.text_ids(p) for p in prompts], n, stop, settings)
 
     def chat(self, messages: Sequence[dict], **settings) -> Reply:
         """The whole answer at once (same path as stream)."""
         return self.stream(messages, **settings).result()
+
+    def submit(self, prompts: list[list[int]], n: int, stop, settings: dict[str, Any]) -> Generation:
+        gen_args, seed = resolve_settings(self.generation, settings)
+        check_choices(n, gen_args)
+        if gen_args.num_beams > 1:
+            raise TunelabError("answers are generated token by token (streamed, batched): use --num_beams 1")
+        gen = Generation(self, prompts, self._generate_kwargs(gen_args), n, seed, stop_strings(stop))
+        self.scheduler.submit(gen)
+        return gen
 
     def _generate_kwargs(self, gen_args: GenerationArguments) -> dict[str, Any]:
         # generation_kwargs + the model's own stop ids and a pad id, exactly as eval/predict generate
@@ -183,89 +234,3 @@ def _device():
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class Generation:
-    """One answer being generated in its own thread. Iterate for text pieces (TextIteratorStreamer) or call
-    `result()`; `cancel()` stops it at the next token; `reply` holds the whole answer once iteration ends."""
-
-    def __init__(self, engine: ChatEngine, prompt: list[int], kwargs: dict[str, Any], seed: int | None = None):
-        from transformers import TextIteratorStreamer
-
-        if not prompt:
-            raise TunelabError("the prompt is empty: nothing to answer")
-        self.engine, self.prompt, self.kwargs, self.seed = engine, prompt, kwargs, seed
-        self.streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.cancelled = threading.Event()
-        self.reply: Reply | None = None
-        self._error: BaseException | None = None
-        engine._enter()
-        self._thread = threading.Thread(target=self._run, name="tunelab-generate", daemon=True)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self.streamer:
-            if piece:
-                yield piece
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def result(self) -> Reply:
-        """Wait for the whole answer."""
-        for _ in self:
-            pass
-        return self.reply
-
-    def _run(self) -> None:
-        try:
-            with self.engine._lock:  # queue behind the running generation
-                if self.cancelled.is_set():
-                    self.reply = Reply("", len(self.prompt), 0, "cancelled")
-                    self.streamer.end()
-                    return
-                self.reply = self._generate()
-        except BaseException as err:  # re-raised in the consumer's thread by __iter__
-            self._error = err
-            self.streamer.end()
-        finally:
-            self.engine._leave()
-
-    def _generate(self) -> Reply:
-        import torch
-        from transformers import StoppingCriteriaList
-
-        engine = self.engine
-        device = getattr(engine.model, "device", None) or next(engine.model.parameters()).device
-        if self.seed is not None:
-            torch.manual_seed(self.seed)  # under the lock, so a seeded request is repeatable
-        input_ids = torch.tensor([self.prompt], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            out = engine.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=self.streamer,
-                stopping_criteria=StoppingCriteriaList([_CancelCriteria(self.cancelled)]), **self.kwargs)
-        new = getattr(out, "sequences", out)[0, len(self.prompt):].tolist()
-        return self._reply(new)
-
-    def _reply(self, new: list[int]) -> Reply:
-        from tunelab.generation import cut_at_end
-
-        answer, stopped = cut_at_end(new, self.kwargs.get("eos_token_id") or [])
-        reason = "stop" if stopped else "cancelled" if self.cancelled.is_set() else "length"
-        text = self.engine.tokenizer.decode(answer, skip_special_tokens=True)
-        return Reply(text, len(self.prompt), len(answer), reason)
-
-
-class _CancelCriteria(StoppingCriteria):
-    """Stops generate() once the cancel event is set (checked after every token)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

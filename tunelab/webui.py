@@ -7,13 +7,18 @@ The page: the conversation (streamed answers, kept as history), a message box wi
 for max new tokens, temperature (0 = greedy) and top_p, and a checkpoint chooser listing every tunelab run
 folder (one holding tunelab_method.json) under --runs_dir; choosing one loads it on top of its base model
 (or --model_name_or_path when given), with that run's template and source_prefix. Answers come from the
-same ChatEngine as `tunelab chat` and `tunelab serve`. Serves 127.0.0.1 only unless --host says otherwise.
+same ChatEngine as `tunelab chat` and `tunelab serve`.
+
+Access: serves 127.0.0.1 only unless --host says otherwise; bound elsewhere it warns (without a password anyone
+who reaches the port can use the model; with one, it still crosses the network unencrypted). --password (or
+$TUNELAB_WEBUI_PASSWORD) puts gradio's login page in front, user --username.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +30,31 @@ from tunelab.methods import METHOD_FILE
 logger = logging.getLogger(__name__)
 
 BASE_CHOICE = "(base model)"
+PASSWORD_ENV = "TUNELAB_WEBUI_PASSWORD"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_DEPTH = 3  # runs_dir/<study>/<run>/checkpoint-N
 
 
 @dataclass
 class WebUIArguments(listen_arguments(7860)):
     runs_dir: str = _opt("runs", "Folder whose tunelab run folders the checkpoint chooser lists.")
+    username: str = _opt("tunelab", "User name for the login page (with --password).")
+    password: str | None = _opt(None, f"Ask for this password before showing the page (default: ${PASSWORD_ENV}; "
+                                "none: no login).")
+
+
+def access(opts: WebUIArguments) -> tuple[tuple[str, str] | None, str | None]:
+    """(gradio `auth`, warning to print) for these options: a login when a password is set; a warning when
+    the page is reachable from other machines."""
+    password = opts.password or os.environ.get(PASSWORD_ENV) or None
+    auth = (opts.username, password) if password else None
+    if opts.host in LOOPBACK:
+        return auth, None
+    if auth is None:
+        return None, (f"serving on {opts.host} without a password: anyone who reaches port {opts.port} can use the "
+                      f"model (set --password or ${PASSWORD_ENV}, or keep --host 127.0.0.1)")
+    return auth, (f"serving on {opts.host}: the password and the chat cross the network unencrypted (plain HTTP); "
+                  "put it behind TLS or keep --host 127.0.0.1")
 
 
 def find_runs(runs_dir: str | Path) -> list[str]:
@@ -126,9 +150,12 @@ def _respond(engine: ChatEngine, text: str, past: list, max_new_tokens: int, tem
 
 def main(argv: list[str]) -> int:
     args, opts = parse_with(argv, WebUIArguments, prog="tunelab webui")
+    auth, warning = access(opts)
+    if warning:
+        logger.warning(warning)
     models = Models(args)
     initial = args.model.checkpoint_dir or BASE_CHOICE
     models.load(initial)
     demo = build_demo(models, opts.runs_dir, initial)
-    demo.queue().launch(server_name=opts.host, server_port=opts.port, share=False, ssr_mode=False)
+    demo.queue().launch(server_name=opts.host, server_port=opts.port, share=False, ssr_mode=False, auth=auth)
     return 0
