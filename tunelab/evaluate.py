@@ -68,12 +68,11 @@ def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], da
             return None
 
         def compute():
-            import torch
-
             from tunelab.model import load_model_and_tokenizer
+            from tunelab.setup import base_dtype
 
             base_args = dataclasses.replace(args.model, model_name_or_path=base_path, checkpoint_dir=None)
-            base_model = load_model_and_tokenizer(base_args, dtype=torch.float32)[0].to(device).eval()
+            base_model = load_model_and_tokenizer(base_args, dtype=base_dtype(base_args))[0].to(device).eval()
             return sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1]
     else:
         def compute():

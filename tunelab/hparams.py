@@ -40,6 +40,9 @@ GENERATION_PRESETS = {
 }
 
 
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")  # --torch_dtype (issue 16)
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -52,6 +55,11 @@ class ModelArguments:
     checkpoint_dir: str | None = _opt(
         None, "Comma list of tunelab checkpoints to load on top of the base model (LoRA ones merge in order).")
     trust_remote_code: bool = _opt(False, "Allow the model directory's own Python code to run.")
+    # ---- issue 16: base precision ----
+    torch_dtype: str = _opt(
+        "auto", "dtype of the frozen base weights: auto (the checkpoint's own dtype on a GPU, float32 on a CPU), "
+        "bfloat16, float16 (GPU only), float32. Trained weights stay float32; a 16-bit base trains under that "
+        "dtype's autocast.", choices=list(TORCH_DTYPES))
 
 
 @dataclass

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tunelab.hparams import Args, DataArguments, ModelArguments
+from tunelab.hparams import Args, DataArguments, ModelArguments, TunelabError
 from tunelab.names import PROMPT_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,13 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(args: Args):
     """The training options with the precision this machine can run: unchanged on a GPU. fp16 needs a
     GPU: on a CPU it falls back to bf16 autocast where the CPU does bf16 fast, else fp32. With no precision
-    flag on such a CPU, bf16 autocast is the default (≈2x fp32 here)."""
+    flag on such a CPU, bf16 autocast is the default (≈2x fp32 here). A 16-bit base (--torch_dtype) runs
+    under its own dtype's autocast, whatever the flags say."""
     import torch
 
+    half = base_dtype(args.model)
+    if half in (torch.bfloat16, torch.float16):
+        return _half_base_precision(args, half)
     if torch.cuda.is_available():
         return args.training
     fast_bf16 = cpu_has_fast_bf16()
@@ -58,6 +64,84 @@ def resolve_precision(args: Args):
     # use_cpu: TrainingArguments refuses bf16 without a GPU unless told the CPU is the device
     return dataclasses.replace(args.training, fp16=False, bf16=fast_bf16,
                                use_cpu=fast_bf16 or args.training.use_cpu)
+
+
+def _half_base_precision(args: Args, dtype):
+    """A bf16/fp16 base: autocast in that dtype, so frozen 16-bit weights and fp32 trained ones meet in one
+    dtype in every matmul (without it a Freeze layer's fp32 weight would meet bf16 activations)."""
+    import torch
+
+    bf16 = dtype == torch.bfloat16
+    if (args.training.bf16, args.training.fp16) != (bf16, not bf16) and {"bf16", "fp16"} & args.explicit:
+        logger.warning("--torch_dtype %s: training under %s autocast (the base's dtype)", args.model.torch_dtype,
+                       "bf16" if bf16 else "fp16")
+    cpu = not torch.cuda.is_available()
+    return dataclasses.replace(args.training, bf16=bf16, fp16=not bf16, use_cpu=cpu or args.training.use_cpu)
+
+
+TORCH_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def base_dtype(model_args: ModelArguments):
+    """The torch dtype the frozen base loads in (--torch_dtype). `auto` is float32 on every CPU, also one with
+    fast bf16: training there already holds the frozen linear weights in bf16 under autocast
+    (tunelab/speedups.py), and fp32 norms/embeddings keep eval scores comparable with cached base passes;
+    `--torch_dtype bfloat16` halves the memory. On a GPU `auto` is the checkpoint's own dtype (config.json's
+    dtype/torch_dtype; float32 where it names none). float16 on a CPU is refused (check_torch_dtype)."""
+    import torch
+
+    check_torch_dtype(model_args.torch_dtype)
+    name = model_args.torch_dtype
+    if name == "auto":
+        name = checkpoint_dtype(_base_path(model_args)) if torch.cuda.is_available() else "float32"
+    return getattr(torch, name)
+
+
+def check_torch_dtype(name: str) -> None:
+    import torch
+
+    if name == "float16" and not torch.cuda.is_available():
+        raise TunelabError("--torch_dtype float16 needs a GPU: CPUs have no fast fp16 matmuls (slower than fp32) "
+                           "and fp16's 5-bit exponent overflows without a GPU loss scaler; use --torch_dtype "
+                           "bfloat16 (half the memory) or float32")
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a HF model directory's config.json names (transformers 5: dtype; 4.x: torch_dtype); float32
+    when it names none or an unusual one."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in TORCH_DTYPE_NAMES else "float32"
+
+
+def _base_path(model_args: ModelArguments) -> Path:
+    from tunelab.methods import base_model_for, split_checkpoints
+    from tunelab.model import resolve_model_path
+
+    name = model_args.model_name_or_path or base_model_for(split_checkpoints(model_args.checkpoint_dir))
+    return resolve_model_path(name)
+
+
+def base_dtype_key(model_args: ModelArguments) -> list[str]:
+    """What a cache key holds of the base's dtype: nothing for float32 (keys from before --torch_dtype
+    stay valid), the dtype's name otherwise."""
+    import torch
+
+    dtype = base_dtype(model_args)
+    return [] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]
+
+
+def upcast_trainable(model) -> int:
+    """Master weights: every parameter that trains is held in float32, so optimizer updates smaller than a
+    16-bit weight's spacing (bf16: 2^-8 of its size) are not rounded away. Returns how many were cast."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def training_args(args: Args):
@@ -83,15 +167,13 @@ def autocast(args: Args):
 
 def load_base(model_args: ModelArguments, checkpoints: list[str]):
     """(model, tokenizer, base path): `--model_name_or_path`, or when it is not given the base model the
-    checkpoints record, so eval of a run needs only --checkpoint_dir. Weights in float32."""
-    import torch
-
+    checkpoints record, so eval of a run needs only --checkpoint_dir. Weights in --torch_dtype (base_dtype)."""
     from tunelab.methods import base_model_for
     from tunelab.model import load_model_and_tokenizer
 
     if checkpoints and not model_args.model_name_or_path:
         model_args = dataclasses.replace(model_args, model_name_or_path=base_model_for(checkpoints))
-    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=torch.float32)
+    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=base_dtype(model_args))
     return model, tokenizer, str(path)
 
 

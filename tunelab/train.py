@@ -79,7 +79,7 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab import methods, runinfo
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
-    from tunelab.setup import setup_model, training_args
+    from tunelab.setup import setup_model, training_args, upcast_trainable
     from tunelab.trainer import TunelabTrainer
 
     from tunelab.methods import get_method
@@ -100,6 +100,8 @@ def run_train(args: Args) -> dict[str, Any]:
         dataset = build_dataset(args.data, tokenizer, "train")
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
     model, info = methods.prepare_model(model, args.finetune)
+    if upcast_trainable(model):  # a 16-bit base (--torch_dtype): the weights that train stay fp32 master weights
+        logger.info("trainable weights held in float32 over a %s base", args.model.torch_dtype)
     if distributed.is_main():
         print(info.summary(), flush=True)
         runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
