@@ -31,7 +31,8 @@ from typing import Any
 from tunelab import distributed
 from tunelab.hparams import Args
 from tunelab.names import LIKELIHOOD_FILE, PREDICTIONS_FILE
-from tunelab.setup import apply_checkpoints, autocast, decoding_record, resolve_precision, setup_base
+from tunelab.setup import (apply_checkpoints, autocast, check_model_options, decoding_record, resolve_precision,
+                           setup_base)
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
 
+    check_model_options(args.model)
     out = runinfo.check_output_dir(args)
     training, device = distributed.setup(resolve_precision(args))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it

@@ -60,6 +60,16 @@ class ModelArguments:
         "auto", "dtype of the frozen base weights: auto (the checkpoint's own dtype on a GPU, float32 on a CPU), "
         "bfloat16, float16 (GPU only), float32. Trained weights stay float32; a 16-bit base trains under that "
         "dtype's autocast.", choices=list(TORCH_DTYPES))
+    # ---- issue 16: the rest of the 2023 ModelArguments (see REFUSED_2023 for the ones kept at their default) ----
+    quantization_bit: int | None = _opt(
+        None, "Quantize the frozen base to 4 (NF4) or 8 bits with bitsandbytes and train LoRA on it (QLoRA). "
+        "Needs a CUDA GPU.")
+    config_name: str | None = _opt(None, "2023 flag, refused: the config comes from --model_name_or_path.")
+    tokenizer_name: str | None = _opt(None, "2023 flag, refused: the tokenizer comes from --model_name_or_path.")
+    cache_dir: str | None = _opt(None, "2023 flag, refused: tunelab never downloads ($TUNELAB_CACHE moves its caches).")
+    use_fast_tokenizer: bool = _opt(True, "2023 flag: only true (transformers 5 has one tokenizer per model).")
+    model_revision: str | None = _opt(None, "2023 flag, refused: pass the revision's local directory instead.")
+    use_auth_token: bool = _opt(False, "2023 flag: only false (tunelab never downloads).")
 
 
 @dataclass
@@ -75,6 +85,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize data.")
     identity_name: str = _opt("tunelab-assistant", "Fills the name placeholder of self_cognition/identity.")
     identity_author: str = _opt("tunelab", "Fills the author placeholder of self_cognition/identity.")
+    # ---- issue 16: the rest of the 2023 DataTrainingArguments ----
+    split: str = _opt("train", "2023 flag: only train (pick rows with a data set's 'rows' range instead).")
+    ignore_pad_token_for_loss: bool = _opt(True, "2023 flag: only true (padding never enters the loss).")
 
 
 @dataclass
@@ -99,6 +112,10 @@ class FinetuningArguments:
     pre_seq_len: int = _opt(16, "P-Tuning v2: number of prefix key/value positions per layer.")
     prefix_projection: bool = _opt(False, "P-Tuning v2: produce the prefix through a 2-layer MLP.")
     plot_loss: bool = _opt(False, "Write training_loss.png (raw and smoothed loss) after training.")
+    # ---- issue 16: --resume_lora_training as in 2023 ----
+    resume_lora_training: bool = _opt(
+        True, "Training on top of --checkpoint_dir whose last checkpoint is LoRA: true goes on training that "
+        "adapter (the earlier ones merged into the base), false merges them all and starts a new adapter.")
     cache_lower_layers: bool = _opt(
         True, "LoRA/Freeze on the last layers only: compute the frozen layers below them once per sample "
         "(cached on disk, exact) and run only the trained layers each step and in the eval loss pass.")
@@ -259,6 +276,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
         raise TunelabError(f"unknown option '{bad}': {hint}")
     explicit = _explicit_names(argv)
     _check_eval_counts(generation)
+    check_issue16_options(model, data, finetune, training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
 
@@ -295,3 +313,42 @@ def check_stage(training: Seq2SeqTrainingArguments) -> str:
         raise TunelabError(
             f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'})")
     return stages[0]
+
+
+# ---- issue 16: 2023 flags kept only at their 2023 default, and the option checks of issue 16 ----
+
+# option -> (the one value tunelab accepts, what to do instead)
+REFUSED_2023 = {
+    "config_name": (None, "the config comes from --model_name_or_path: put the config.json in that directory"),
+    "tokenizer_name": (None, "the tokenizer comes from --model_name_or_path: save the tokenizer files there"),
+    "cache_dir": (None, "tunelab never downloads: pass a local --model_name_or_path ($TUNELAB_CACHE / $HF_HOME "
+                  "move the caches)"),
+    "model_revision": (None, "tunelab reads local files only: pass that revision's local directory as "
+                       "--model_name_or_path"),
+    "use_auth_token": (False, "tunelab never downloads: download the model first (`hf download` uses your token) "
+                       "and pass its path"),
+    "use_fast_tokenizer": (True, "transformers 5 has one tokenizer implementation per model: drop the flag"),
+    "split": ("train", "give the rows with a 'rows' range in dataset_info.json, or register the other split's "
+              "file as a data set of its own"),
+    "ignore_pad_token_for_loss": (True, "padding never counts in tunelab's loss (labels -100): drop the flag"),
+}
+QUANTIZATION_BITS = (4, 8)
+QUANTIZED_METHODS = ("lora", "none")  # a quantized base trains adapters only (QLoRA); none = eval of the base
+
+
+def check_issue16_options(model: ModelArguments, data: DataArguments, finetune: FinetuningArguments,
+                          training: Seq2SeqTrainingArguments) -> None:
+    """The option checks that need no model and no device: refused 2023 flags, --quantization_bit."""
+    for group in (model, data):
+        for name, (accepted, instead) in REFUSED_2023.items():
+            value = getattr(group, name, accepted)
+            if value != accepted:
+                raise TunelabError(f"--{name} {value} is not supported: {instead}")
+    bits = model.quantization_bit
+    if bits is not None and bits not in QUANTIZATION_BITS:
+        raise TunelabError(f"--quantization_bit {bits} is not supported: bitsandbytes quantizes to 4 (NF4) or "
+                           "8 bits; use --quantization_bit 4")
+    if bits is not None and finetune.finetuning_type not in QUANTIZED_METHODS:
+        raise TunelabError(f"--quantization_bit trains LoRA adapters on a frozen quantized base (QLoRA): use "
+                           f"--finetuning_type lora, or drop --quantization_bit for {finetune.finetuning_type} "
+                           "(--torch_dtype bfloat16 halves the base's memory)")

@@ -122,6 +122,22 @@ def _base_path(model_args: ModelArguments) -> Path:
     return resolve_model_path(name)
 
 
+def check_model_options(model_args: ModelArguments) -> None:
+    """The model options this machine cannot run, refused in one line before anything loads or is written
+    (train and eval call it first; load_base again)."""
+    from tunelab.quantization import check_quantization
+
+    check_torch_dtype(model_args.torch_dtype)
+    check_quantization(model_args)
+
+
+def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
+    """from_pretrained's extra arguments for the model options: quantization (tunelab/quantization.py)."""
+    from tunelab.quantization import load_kwargs as quantization_kwargs
+
+    return quantization_kwargs(model_args, dtype)
+
+
 def base_dtype_key(model_args: ModelArguments) -> list[str]:
     """What a cache key holds of the base's dtype: nothing for float32 (keys from before --torch_dtype
     stay valid), the dtype's name otherwise."""
@@ -171,9 +187,11 @@ def load_base(model_args: ModelArguments, checkpoints: list[str]):
     from tunelab.methods import base_model_for
     from tunelab.model import load_model_and_tokenizer
 
+    check_model_options(model_args)
     if checkpoints and not model_args.model_name_or_path:
         model_args = dataclasses.replace(model_args, model_name_or_path=base_model_for(checkpoints))
-    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=base_dtype(model_args))
+    dtype = base_dtype(model_args)
+    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=dtype, **load_kwargs(model_args, dtype))
     return model, tokenizer, str(path)
 
 
@@ -223,10 +241,12 @@ def setup_base(args: Args, stage: str) -> Setup:
 
 def apply_checkpoints(base: Setup, merge: bool = True) -> Setup:
     """`base` with --checkpoint_dir's checkpoints applied in order (LoRA merged into the weights when `merge`;
-    see methods.load_checkpoints)."""
+    see methods.load_checkpoints). On a quantized base the last adapter stays live (merging into 4/8-bit
+    weights would round it away)."""
     from tunelab.methods import load_checkpoints
+    from tunelab.quantization import is_quantized
 
-    model, method = load_checkpoints(base.model, base.checkpoints, merge=merge)
+    model, method = load_checkpoints(base.model, base.checkpoints, merge=merge and not is_quantized(base.model))
     return dataclasses.replace(base, model=model, method=method)
 
 
@@ -234,6 +254,23 @@ def setup_model(args: Args, stage: str, merge: bool = True) -> Setup:
     """Load the base model, take over the checkpoint's prompt options, apply the checkpoints (setup_base, then
     apply_checkpoints)."""
     return apply_checkpoints(setup_base(args, stage), merge=merge)
+
+
+def setup_training_model(args: Args) -> tuple[Setup, str | None]:
+    """(setup, checkpoint to go on training) for `tunelab train`. As the 2023 toolkit: when the method is LoRA
+    and the last --checkpoint_dir checkpoint is LoRA, --resume_lora_training true (default) merges the
+    earlier checkpoints into the base and returns the last one, whose adapter goes on training
+    (methods.continue_checkpoint); false merges them all (a new adapter is stacked on top); (setup, None)."""
+    from tunelab.methods import read_method
+
+    base = setup_base(args, "train")
+    last = base.checkpoints[-1] if base.checkpoints else None
+    go_on = (last is not None and args.finetune.resume_lora_training and args.finetune.finetuning_type == "lora"
+             and read_method(last)["finetuning_type"] == "lora")
+    if not go_on:
+        return apply_checkpoints(base), None
+    loaded = apply_checkpoints(dataclasses.replace(base, checkpoints=base.checkpoints[:-1]))
+    return dataclasses.replace(loaded, checkpoints=base.checkpoints), last
 
 
 # ---- records of what a run resolved ----

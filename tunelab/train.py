@@ -79,7 +79,8 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab import methods, runinfo
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
-    from tunelab.setup import setup_model, training_args, upcast_trainable
+    from tunelab.quantization import prepare_for_training
+    from tunelab.setup import check_model_options, setup_training_model, training_args, upcast_trainable
     from tunelab.trainer import TunelabTrainer
 
     from tunelab.methods import get_method
@@ -87,19 +88,26 @@ def run_train(args: Args) -> dict[str, Any]:
     if not get_method(args.finetune.finetuning_type).trains:
         raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
                            "--do_predict")
+    check_model_options(args.model)
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     training, _ = distributed.setup(training_args(args))
     args = dataclasses.replace(args, training=training)
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
-    # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base
-    loaded = setup_model(args, "train")
+    # earlier checkpoints (--checkpoint_dir) are merged in, their weights part of the base; a last LoRA one
+    # goes on training with --resume_lora_training (setup_training_model)
+    loaded, go_on = setup_training_model(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "right"
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "train")
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
-    model, info = methods.prepare_model(model, args.finetune)
+    model = prepare_for_training(model, args.training.gradient_checkpointing)  # a quantized base (QLoRA)
+    if go_on:  # --resume_lora_training: the last LoRA checkpoint's adapter trains on
+        logger.info("going on training the adapter of %s (--resume_lora_training false: a new one)", go_on)
+        model, info = methods.continue_checkpoint(model, go_on)
+    else:
+        model, info = methods.prepare_model(model, args.finetune)
     if upcast_trainable(model):  # a 16-bit base (--torch_dtype): the weights that train stay fp32 master weights
         logger.info("trainable weights held in float32 over a %s base", args.model.torch_dtype)
     if distributed.is_main():
