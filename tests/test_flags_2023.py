@@ -113,3 +113,16 @@ def test_resume_lora_training_false_stacks_a_new_adapter(tiny_llama_dir, tiny_da
     after = load_file(str(second / "adapter_model.safetensors"))
     lora_b = [w for n, w in after.items() if "lora_B" in n]
     assert lora_b and all(w.shape[1] == 8 and not w.any() for w in lora_b)  # a fresh rank-8 adapter (B = 0)
+
+
+# ---- HF TrainingArguments fields keep their HF types ----
+
+@pytest.mark.parametrize("value, expect", [("non_padding", "non_padding"), ("all", "all"), ("true", "all"),
+                                           ("no", "no")])
+def test_str_or_bool_training_fields_take_their_words(value, expect):
+    assert _parse("--include_num_input_tokens_seen", value).training.include_num_input_tokens_seen == expect
+
+
+def test_str_or_bool_training_field_from_a_config_dict():
+    args = parse_args(config={"do_train": True, "output_dir": "x", "include_num_input_tokens_seen": "non_padding"})
+    assert args.training.include_num_input_tokens_seen == "non_padding"

@@ -179,7 +179,31 @@ class _Parser(Parser, HfArgumentParser):
 
 
 def build_parser(prog: str = "tunelab") -> HfArgumentParser:
-    return _Parser(_GROUPS, prog=prog)
+    return _keep_str_or_bool_fields(_Parser(_GROUPS, prog=prog))
+
+
+def _keep_str_or_bool_fields(parser: HfArgumentParser) -> HfArgumentParser:
+    """WORKAROUND (issue 16): HfArgumentParser (transformers 5.24) parses a `str | bool` field as a plain
+    bool, so `--include_num_input_tokens_seen non_padding`, valid for TrainingArguments, is refused as not
+    a boolean. Such fields get a type that reads yes/no words as booleans and keeps any other word as the
+    string; TrainingArguments checks the value. Remove when HfArgumentParser keeps str in such unions."""
+    import argparse
+    import typing
+
+    from transformers.hf_argparser import string_to_bool
+
+    def str_or_bool(value: str) -> str | bool:
+        try:
+            return string_to_bool(value)
+        except argparse.ArgumentTypeError:
+            return value
+
+    unions = {f.name for group in _GROUPS for f in fields(group)
+              if {str, bool} <= set(typing.get_args(typing.get_type_hints(group).get(f.name)))}
+    for action in parser._actions:
+        if action.dest in unions:
+            action.type = str_or_bool
+    return parser
 
 
 def listen_arguments(default_port: int) -> type:
