@@ -301,6 +301,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     explicit = _explicit_names(argv)
     _check_eval_counts(generation)
     check_issue16_options(model, data, finetune, training)
+    training = check_report_to(training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
 
@@ -376,3 +377,27 @@ def check_issue16_options(model: ModelArguments, data: DataArguments, finetune: 
         raise TunelabError(f"--quantization_bit trains LoRA adapters on a frozen quantized base (QLoRA): use "
                            f"--finetuning_type lora, or drop --quantization_bit for {finetune.finetuning_type} "
                            "(--torch_dtype bfloat16 halves the base's memory)")
+
+
+# --report_to: trackers whose package tunelab checks before anything loads (HF's availability functions)
+REPORTER_CHECKS = {"tensorboard": "is_tensorboard_available", "wandb": "is_wandb_available",
+                   "mlflow": "is_mlflow_available"}
+
+
+def check_report_to(training: Seq2SeqTrainingArguments) -> Seq2SeqTrainingArguments:
+    """--report_to as HF's list (a comma list from a flag or a YAML list is split), each name a known HF
+    integration whose package is installed; `none` (the default) sends nothing anywhere."""
+    from transformers import integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [n.strip() for item in training.report_to for n in str(item).split(",") if n.strip()]
+    if names != list(training.report_to):
+        training = replace(training, report_to=names)
+    for name in training.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise TunelabError(f"unknown --report_to '{name}': {closest(name, ['none', 'all', *INTEGRATION_TO_CALLBACK])}")
+        check = REPORTER_CHECKS.get(name)
+        if check and not getattr(integrations, check)():
+            raise TunelabError(f"--report_to {name}: the {name} package is not installed: pip install {name}, "
+                               "or --report_to none")
+    return training

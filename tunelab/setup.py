@@ -166,7 +166,6 @@ def training_args(args: Args):
     return dataclasses.replace(
         resolve_precision(args),
         remove_unused_columns=False,  # our model wrappers (P-Tuning) take **kwargs; keep labels
-        report_to=[],
     )
 
 
