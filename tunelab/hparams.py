@@ -88,6 +88,10 @@ class DataArguments:
     # ---- issue 16: the rest of the 2023 DataTrainingArguments ----
     split: str = _opt("train", "2023 flag: only train (pick rows with a data set's 'rows' range instead).")
     ignore_pad_token_for_loss: bool = _opt(True, "2023 flag: only true (padding never enters the loss).")
+    # ---- issue 16: eval data during training (--do_train --do_eval) ----
+    val_size: float = _opt(
+        0.0, "Hold out this fraction (< 1) or number (>= 1) of training rows as eval data, split with --seed.")
+    eval_dataset: str | None = _opt(None, "Comma list of data sets for eval during training (instead of --val_size).")
 
 
 @dataclass
@@ -147,6 +151,9 @@ class GenerationArguments:
 class RunArguments:
     overwrite_output_dir: bool = _opt(False, "Write into a non-empty --output_dir (transformers 5 dropped this flag; "
                                       "tunelab keeps it for the 2023 commands).")
+    # ---- issue 16: early stopping ----
+    early_stopping_patience: int | None = _opt(
+        None, "Stop training after this many evaluations without a better --metric_for_best_model (eval loss).")
 
 
 @dataclass
@@ -301,6 +308,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     explicit = _explicit_names(argv)
     _check_eval_counts(generation)
     check_issue16_options(model, data, finetune, training)
+    check_eval_during_training(data, training, run)
     training = check_report_to(training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
@@ -331,13 +339,33 @@ def _check_eval_counts(generation: GenerationArguments) -> None:
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:
-    """The one stage asked for: train, eval or predict."""
+    """The one stage asked for: train (with --do_eval: eval during training), eval or predict."""
     stages = [s for s, on in (("train", training.do_train), ("eval", training.do_eval),
                               ("predict", training.do_predict)) if on]
+    if stages == ["train", "eval"]:
+        return "train"
     if len(stages) != 1:
         raise TunelabError(
-            f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'})")
+            f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'}); "
+            "--do_train --do_eval evaluates during training")
     return stages[0]
+
+
+def check_eval_during_training(data: DataArguments, training: Seq2SeqTrainingArguments,
+                               run: RunArguments) -> None:
+    """--do_train --do_eval (or an --eval_strategy, which implies --do_eval) needs eval data; early
+    stopping needs evaluations to compare. The row count of --val_size is checked against the data set in
+    `tunelab.preprocess.val_count`, before the model loads."""
+    if data.val_size < 0 or (data.val_size >= 1 and data.val_size != int(data.val_size)):
+        raise TunelabError(f"--val_size must be a fraction in [0, 1) or a whole number of rows (got {data.val_size})")
+    if training.do_train and training.do_eval and not (data.val_size or data.eval_dataset):
+        raise TunelabError("--do_eval during training needs eval data: --val_size (a fraction or number of "
+                           "training rows held out) or --eval_dataset")
+    if data.val_size and data.eval_dataset:
+        raise TunelabError("give one of --val_size and --eval_dataset, not both")
+    if run.early_stopping_patience is not None and (run.early_stopping_patience < 1 or training.eval_strategy == "no"):
+        raise TunelabError("--early_stopping_patience needs a whole number >= 1 and evaluations during training: "
+                           "--eval_strategy steps --eval_steps N with --val_size or --eval_dataset")
 
 
 # ---- issue 16: 2023 flags kept only at their 2023 default, and the option checks of issue 16 ----

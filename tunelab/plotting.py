@@ -1,4 +1,5 @@
-"""Loss curve of a run: raw and smoothed training loss from trainer_state.json's log history."""
+"""Loss curve of a run: raw and smoothed training loss (and the eval loss of evaluations during training)
+from trainer_state.json's log history."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def loss_points(log_history: list[dict]) -> tuple[list[int], list[float]]:
+def loss_points(log_history: list[dict], key: str = "loss") -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the log history: "loss" (training) or "eval_loss" (eval during training)."""
     steps, losses = [], []
     for entry in log_history:
-        if "loss" in entry and "step" in entry:
+        if key in entry and "step" in entry:
             steps.append(int(entry["step"]))
-            losses.append(float(entry["loss"]))
+            losses.append(float(entry[key]))
     return steps, losses
 
 
@@ -46,6 +48,9 @@ def plot_loss(run_dir: str | Path, out_name: str = "training_loss.png") -> Path 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="raw")
     ax.plot(steps, smooth(losses), color="#1f77b4", label="smoothed")
+    eval_steps, eval_losses = loss_points(state.get("log_history", []), "eval_loss")
+    if eval_steps:  # --do_train --do_eval: eval loss at each evaluation
+        ax.plot(eval_steps, eval_losses, "o-", color="#d62728", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"training loss of {run_dir.name}")

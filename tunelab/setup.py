@@ -163,9 +163,13 @@ def upcast_trainable(model) -> int:
 def training_args(args: Args):
     """The training options every tunelab training run uses: resolved precision plus settings it needs
     from HF's TrainingArguments."""
+    training = resolve_precision(args)
     return dataclasses.replace(
-        resolve_precision(args),
+        training,
         remove_unused_columns=False,  # our model wrappers (P-Tuning) take **kwargs; keep labels
+        prediction_loss_only=True,  # eval during training measures the loss (no logits kept)
+        # early stopping compares evaluations: on the eval loss unless told otherwise
+        metric_for_best_model=training.metric_for_best_model or ("loss" if args.run.early_stopping_patience else None),
     )
 
 

@@ -76,19 +76,17 @@ def resolve_resume(args: Args) -> str | None:
 def run_train(args: Args) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from tunelab import methods, runinfo
+    from tunelab import runinfo
     from tunelab.layer_cache import lower_layer_cache
-    from tunelab.preprocess import build_dataset
-    from tunelab.quantization import prepare_for_training
-    from tunelab.setup import check_model_options, setup_training_model, training_args, upcast_trainable
-    from tunelab.trainer import TunelabTrainer
-
     from tunelab.methods import get_method
+    from tunelab.setup import check_model_options, setup_training_model, training_args
+    from tunelab.trainer import TunelabTrainer
 
     if not get_method(args.finetune.finetuning_type).trains:
         raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
                            "--do_predict")
     check_model_options(args.model)
+    check_eval_data(args)
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args)
     training, _ = distributed.setup(training_args(args))
@@ -100,8 +98,66 @@ def run_train(args: Args) -> dict[str, Any]:
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "right"
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
-        dataset = build_dataset(args.data, tokenizer, "train")
+        dataset, eval_dataset = training_data(args, tokenizer)
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
+    model, info = prepare_method(model, args, go_on)
+    if distributed.is_main():
+        print(info.summary(), flush=True)
+        runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
+    trainer = TunelabTrainer(
+        model=model, args=args.training, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        callbacks=callbacks(args), method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
+    with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        metrics = dict(result.metrics)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        if eval_dataset is not None and args.training.do_eval:  # the final model's eval loss, as HF's examples
+            evaluated = trainer.evaluate()
+            trainer.log_metrics("eval", evaluated)
+            trainer.save_metrics("eval", evaluated)
+            metrics.update(evaluated)
+    trainer.save_state()
+    if args.finetune.plot_loss and distributed.is_main():
+        from tunelab.plotting import plot_loss
+
+        plot_loss(out)
+    return metrics
+
+
+def check_eval_data(args: Args) -> None:
+    """Before the model loads: --val_size leaves training rows, --eval_dataset names registered data sets."""
+    from tunelab.data import load_examples
+    from tunelab.preprocess import val_count
+
+    if args.data.val_size:
+        val_count(args.data.val_size, load_examples(args.data)[1].kept)
+    if args.data.eval_dataset:
+        load_examples(dataclasses.replace(args.data, dataset=args.data.eval_dataset))
+
+
+def training_data(args: Args, tokenizer):
+    """(train rows, eval rows or None): --val_size rows held out of the training set (seeded by --seed), or
+    --eval_dataset's rows, both tokenized as training rows so that the eval loss is the training loss."""
+    from tunelab.preprocess import build_dataset, split_for_eval
+
+    dataset = build_dataset(args.data, tokenizer, "train")
+    if args.data.val_size:
+        return split_for_eval(dataset, args.data.val_size, args.training.seed)
+    if args.data.eval_dataset:
+        return dataset, build_dataset(dataclasses.replace(args.data, dataset=args.data.eval_dataset), tokenizer, "train")
+    return dataset, None
+
+
+def prepare_method(model, args: Args, go_on: str | None):
+    """(model, MethodInfo): the method applied (or the last LoRA checkpoint's adapter going on training), on a
+    quantized base after peft's k-bit preparation, with every trained weight in float32."""
+    from tunelab import methods
+    from tunelab.quantization import prepare_for_training
+    from tunelab.setup import upcast_trainable
+
     model = prepare_for_training(model, args.training.gradient_checkpointing)  # a quantized base (QLoRA)
     if go_on:  # --resume_lora_training: the last LoRA checkpoint's adapter trains on
         logger.info("going on training the adapter of %s (--resume_lora_training false: a new one)", go_on)
@@ -110,22 +166,11 @@ def run_train(args: Args) -> dict[str, Any]:
         model, info = methods.prepare_model(model, args.finetune)
     if upcast_trainable(model):  # a 16-bit base (--torch_dtype): the weights that train stay fp32 master weights
         logger.info("trainable weights held in float32 over a %s base", args.model.torch_dtype)
-    if distributed.is_main():
-        print(info.summary(), flush=True)
-        runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
-    trainer = TunelabTrainer(
-        model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-        method_info=info, base_model=loaded.base_path, run_args=args.to_dict())
-    with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
-        result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if args.finetune.plot_loss and distributed.is_main():
-        from tunelab.plotting import plot_loss
+    return model, info
 
-        plot_loss(out)
-    return metrics
+
+def callbacks(args: Args) -> list:
+    from transformers import EarlyStoppingCallback
+
+    patience = args.run.early_stopping_patience
+    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []
