@@ -81,7 +81,8 @@ def test_resume_after_kill_continues(tiny_llama_dir, tiny_data_dir, tmp_path):
     (["--finetuning_type", "adapter"], "choose from"),
     (["--lora_target", "no_such_module"], "self_attn"),
     (["--target_layers", "7-9"], "4 layers"),
-    (["--do_eval"], "exactly one"),
+    (["--do_eval"], "--val_size"),
+    (["--do_predict"], "exactly one"),
 ])
 def test_bad_input_fails_before_writing(tiny_llama_dir, tiny_data_dir, tmp_path, bad, message):
     out = tmp_path / "run"

@@ -32,7 +32,8 @@ from typing import Any
 from tunelab import distributed
 from tunelab.hparams import Args
 from tunelab.names import LIKELIHOOD_FILE, PREDICTIONS_FILE
-from tunelab.setup import apply_checkpoints, autocast, decoding_record, resolve_precision, setup_base
+from tunelab.setup import (apply_checkpoints, autocast, check_model_options, decoding_record, resolve_precision,
+                           setup_base)
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,11 @@ def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], da
             return None
 
         def compute():
-            import torch
-
             from tunelab.model import load_model_and_tokenizer
+            from tunelab.setup import base_dtype
 
             base_args = dataclasses.replace(args.model, model_name_or_path=base_path, checkpoint_dir=None)
-            base_model = load_model_and_tokenizer(base_args, dtype=torch.float32)[0].to(device).eval()
+            base_model = load_model_and_tokenizer(base_args, dtype=base_dtype(base_args))[0].to(device).eval()
             return sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1]
     else:
         def compute():
@@ -177,6 +177,7 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.preprocess import build_dataset
 
+    check_model_options(args.model)
     out = runinfo.check_output_dir(args)
     training, device = distributed.setup(resolve_precision(args))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it

@@ -8,6 +8,7 @@ public hook for any of that, so `PickleFreeCheckpoints` overrides the private me
 those files, all of them here and nowhere else:
 
     _save, _load_from_checkpoint              weights: tunelab.methods.save_trainable / restore_trainable
+    _load_best_model                          --load_best_model_at_end: the same restore_trainable
     _save_optimizer_and_scheduler,            optimizer tensors as safetensors; optimizer structure and
     _load_optimizer_and_scheduler             scheduler state as JSON
     _save_scaler, _load_scaler                the fp16 gradient scaler's state as JSON
@@ -65,6 +66,13 @@ class PickleFreeCheckpoints:
         model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
         meta = methods.read_method(resume_from_checkpoint)
         methods.restore_trainable(model, resume_from_checkpoint, meta)
+
+    def _load_best_model(self) -> None:  # --load_best_model_at_end: the best checkpoint's method weights
+        if not self._owns_state():
+            return super()._load_best_model()
+        logger.info("loading the best model from %s (%s %s)", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     # ---- optimizer, scheduler, scaler ----
     def _owns_state(self) -> bool:

@@ -44,6 +44,9 @@ GENERATION_PRESETS = {
 }
 
 
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")  # --torch_dtype (issue 16)
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -56,6 +59,21 @@ class ModelArguments:
     checkpoint_dir: str | None = _opt(
         None, "Comma list of tunelab checkpoints to load on top of the base model (LoRA ones merge in order).")
     trust_remote_code: bool = _opt(False, "Allow the model directory's own Python code to run.")
+    # ---- issue 16: base precision ----
+    torch_dtype: str = _opt(
+        "auto", "dtype of the frozen base weights: auto (the checkpoint's own dtype on a GPU, float32 on a CPU), "
+        "bfloat16, float16 (GPU only), float32. Trained weights stay float32; a 16-bit base trains under that "
+        "dtype's autocast.", choices=list(TORCH_DTYPES))
+    # ---- issue 16: the rest of the 2023 ModelArguments (see REFUSED_2023 for the ones kept at their default) ----
+    quantization_bit: int | None = _opt(
+        None, "Quantize the frozen base to 4 (NF4) or 8 bits with bitsandbytes and train LoRA on it (QLoRA). "
+        "Needs a CUDA GPU.")
+    config_name: str | None = _opt(None, "2023 flag, refused: the config comes from --model_name_or_path.")
+    tokenizer_name: str | None = _opt(None, "2023 flag, refused: the tokenizer comes from --model_name_or_path.")
+    cache_dir: str | None = _opt(None, "2023 flag, refused: tunelab never downloads ($TUNELAB_CACHE moves its caches).")
+    use_fast_tokenizer: bool = _opt(True, "2023 flag: only true (transformers 5 has one tokenizer per model).")
+    model_revision: str | None = _opt(None, "2023 flag, refused: pass the revision's local directory instead.")
+    use_auth_token: bool = _opt(False, "2023 flag: only false (tunelab never downloads).")
 
 
 @dataclass
@@ -71,6 +89,13 @@ class DataArguments:
     preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize data.")
     identity_name: str = _opt("tunelab-assistant", "Fills the name placeholder of self_cognition/identity.")
     identity_author: str = _opt("tunelab", "Fills the author placeholder of self_cognition/identity.")
+    # ---- issue 16: the rest of the 2023 DataTrainingArguments ----
+    split: str = _opt("train", "2023 flag: only train (pick rows with a data set's 'rows' range instead).")
+    ignore_pad_token_for_loss: bool = _opt(True, "2023 flag: only true (padding never enters the loss).")
+    # ---- issue 16: eval data during training (--do_train --do_eval) ----
+    val_size: float = _opt(
+        0.0, "Hold out this fraction (< 1) or number (>= 1) of training rows as eval data, split with --seed.")
+    eval_dataset: str | None = _opt(None, "Comma list of data sets for eval during training (instead of --val_size).")
 
 
 @dataclass
@@ -95,6 +120,10 @@ class FinetuningArguments:
     pre_seq_len: int = _opt(16, "P-Tuning v2: number of prefix key/value positions per layer.")
     prefix_projection: bool = _opt(False, "P-Tuning v2: produce the prefix through a 2-layer MLP.")
     plot_loss: bool = _opt(False, "Write training_loss.png (raw and smoothed loss) after training.")
+    # ---- issue 16: --resume_lora_training as in 2023 ----
+    resume_lora_training: bool = _opt(
+        True, "Training on top of --checkpoint_dir whose last checkpoint is LoRA: true goes on training that "
+        "adapter (the earlier ones merged into the base), false merges them all and starts a new adapter.")
     cache_lower_layers: bool = _opt(
         True, "LoRA/Freeze on the last layers only: compute the frozen layers below them once per sample "
         "(cached on disk, exact) and run only the trained layers each step and in the eval loss pass.")
@@ -129,6 +158,9 @@ class RunArguments:
     # issue 18: what a diverged run does
     skip_nonfinite: bool = _opt(False, "Skip an optimizer step whose loss or gradient is NaN/inf (default: stop "
                                 "training there with an error naming the step and the last checkpoint).")
+    # ---- issue 16: early stopping ----
+    early_stopping_patience: int | None = _opt(
+        None, "Stop training after this many evaluations without a better --metric_for_best_model (eval loss).")
 
 
 @dataclass
@@ -181,7 +213,31 @@ def _Parser(dataclass_types, prog: str = "tunelab") -> HfArgumentParser:  # noqa
 
 
 def build_parser(prog: str = "tunelab") -> HfArgumentParser:
-    return _Parser(groups(), prog=prog)
+    return _keep_str_or_bool_fields(_Parser(groups(), prog=prog))
+
+
+def _keep_str_or_bool_fields(parser: HfArgumentParser) -> HfArgumentParser:
+    """WORKAROUND (issue 16): HfArgumentParser (transformers 5.24) parses a `str | bool` field as a plain
+    bool, so `--include_num_input_tokens_seen non_padding`, valid for TrainingArguments, is refused as not
+    a boolean. Such fields get a type that reads yes/no words as booleans and keeps any other word as the
+    string; TrainingArguments checks the value. Remove when HfArgumentParser keeps str in such unions."""
+    import argparse
+    import typing
+
+    from transformers.hf_argparser import string_to_bool
+
+    def str_or_bool(value: str) -> str | bool:
+        try:
+            return string_to_bool(value)
+        except argparse.ArgumentTypeError:
+            return value
+
+    unions = {f.name for group in groups() for f in fields(group)
+              if {str, bool} <= set(typing.get_args(typing.get_type_hints(group).get(f.name)))}
+    for action in parser._actions:
+        if action.dest in unions:
+            action.type = str_or_bool
+    return parser
 
 
 def listen_arguments(default_port: int) -> type:
@@ -298,6 +354,9 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     validate(vars(namespace))  # every range, before HF's dataclasses (or a model) see a value
     model, data, finetune, generation, training, run = _build(parser, vars(namespace))
     explicit = _explicit_names(argv)
+    check_issue16_options(model, data, finetune, training)
+    check_eval_during_training(data, training, run)
+    training = check_report_to(training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
 
@@ -329,10 +388,93 @@ def _with_generation_preset(generation: GenerationArguments, explicit: frozenset
 
 
 def check_stage(training: Seq2SeqTrainingArguments) -> str:
-    """The one stage asked for: train, eval or predict."""
+    """The one stage asked for: train (with --do_eval: eval during training), eval or predict."""
     stages = [s for s, on in (("train", training.do_train), ("eval", training.do_eval),
                               ("predict", training.do_predict)) if on]
+    if stages == ["train", "eval"]:
+        return "train"
     if len(stages) != 1:
         raise TunelabError(
-            f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'})")
+            f"give exactly one of --do_train, --do_eval, --do_predict (got {', '.join(stages) or 'none'}); "
+            "--do_train --do_eval evaluates during training")
     return stages[0]
+
+
+def check_eval_during_training(data: DataArguments, training: Seq2SeqTrainingArguments,
+                               run: RunArguments) -> None:
+    """--do_train --do_eval (or an --eval_strategy, which implies --do_eval) needs eval data; early
+    stopping needs evaluations to compare. The row count of --val_size is checked against the data set in
+    `tunelab.preprocess.val_count`, before the model loads."""
+    if data.val_size < 0 or (data.val_size >= 1 and data.val_size != int(data.val_size)):
+        raise TunelabError(f"--val_size must be a fraction in [0, 1) or a whole number of rows (got {data.val_size})")
+    if training.do_train and training.do_eval and not (data.val_size or data.eval_dataset):
+        raise TunelabError("--do_eval during training needs eval data: --val_size (a fraction or number of "
+                           "training rows held out) or --eval_dataset")
+    if data.val_size and data.eval_dataset:
+        raise TunelabError("give one of --val_size and --eval_dataset, not both")
+    if run.early_stopping_patience is not None and (run.early_stopping_patience < 1 or training.eval_strategy == "no"):
+        raise TunelabError("--early_stopping_patience needs a whole number >= 1 and evaluations during training: "
+                           "--eval_strategy steps --eval_steps N with --val_size or --eval_dataset")
+
+
+# ---- issue 16: 2023 flags kept only at their 2023 default, and the option checks of issue 16 ----
+
+# option -> (the one value tunelab accepts, what to do instead)
+REFUSED_2023 = {
+    "config_name": (None, "the config comes from --model_name_or_path: put the config.json in that directory"),
+    "tokenizer_name": (None, "the tokenizer comes from --model_name_or_path: save the tokenizer files there"),
+    "cache_dir": (None, "tunelab never downloads: pass a local --model_name_or_path ($TUNELAB_CACHE / $HF_HOME "
+                  "move the caches)"),
+    "model_revision": (None, "tunelab reads local files only: pass that revision's local directory as "
+                       "--model_name_or_path"),
+    "use_auth_token": (False, "tunelab never downloads: download the model first (`hf download` uses your token) "
+                       "and pass its path"),
+    "use_fast_tokenizer": (True, "transformers 5 has one tokenizer implementation per model: drop the flag"),
+    "split": ("train", "give the rows with a 'rows' range in dataset_info.json, or register the other split's "
+              "file as a data set of its own"),
+    "ignore_pad_token_for_loss": (True, "padding never counts in tunelab's loss (labels -100): drop the flag"),
+}
+QUANTIZATION_BITS = (4, 8)
+QUANTIZED_METHODS = ("lora", "none")  # a quantized base trains adapters only (QLoRA); none = eval of the base
+
+
+def check_issue16_options(model: ModelArguments, data: DataArguments, finetune: FinetuningArguments,
+                          training: Seq2SeqTrainingArguments) -> None:
+    """The option checks that need no model and no device: refused 2023 flags, --quantization_bit."""
+    for group in (model, data):
+        for name, (accepted, instead) in REFUSED_2023.items():
+            value = getattr(group, name, accepted)
+            if value != accepted:
+                raise TunelabError(f"--{name} {value} is not supported: {instead}")
+    bits = model.quantization_bit
+    if bits is not None and bits not in QUANTIZATION_BITS:
+        raise TunelabError(f"--quantization_bit {bits} is not supported: bitsandbytes quantizes to 4 (NF4) or "
+                           "8 bits; use --quantization_bit 4")
+    if bits is not None and finetune.finetuning_type not in QUANTIZED_METHODS:
+        raise TunelabError(f"--quantization_bit trains LoRA adapters on a frozen quantized base (QLoRA): use "
+                           f"--finetuning_type lora, or drop --quantization_bit for {finetune.finetuning_type} "
+                           "(--torch_dtype bfloat16 halves the base's memory)")
+
+
+# --report_to: trackers whose package tunelab checks before anything loads (HF's availability functions)
+REPORTER_CHECKS = {"tensorboard": "is_tensorboard_available", "wandb": "is_wandb_available",
+                   "mlflow": "is_mlflow_available"}
+
+
+def check_report_to(training: Seq2SeqTrainingArguments) -> Seq2SeqTrainingArguments:
+    """--report_to as HF's list (a comma list from a flag or a YAML list is split), each name a known HF
+    integration whose package is installed; `none` (the default) sends nothing anywhere."""
+    from transformers import integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [n.strip() for item in training.report_to for n in str(item).split(",") if n.strip()]
+    if names != list(training.report_to):
+        training = replace(training, report_to=names)
+    for name in training.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise TunelabError(f"unknown --report_to '{name}': {closest(name, ['none', 'all', *INTEGRATION_TO_CALLBACK])}")
+        check = REPORTER_CHECKS.get(name)
+        if check and not getattr(integrations, check)():
+            raise TunelabError(f"--report_to {name}: the {name} package is not installed: pip install {name}, "
+                               "or --report_to none")
+    return training

@@ -177,17 +177,18 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """AutoModelForCausalLM from a local directory; the directory's own code runs only when asked."""
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, **kwargs):
+    """AutoModelForCausalLM from a local directory; the directory's own code runs only when asked. `kwargs`
+    go to from_pretrained (quantization_config, device_map, attn_implementation: tunelab/setup.py)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, dtype=dtype, local_files_only=True)
+        path, trust_remote_code=trust_remote_code, dtype=dtype, local_files_only=True, **kwargs)
 
 
-def load_model_and_tokenizer(model_args: ModelArguments, dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(model_args: ModelArguments, dtype: torch.dtype = torch.float32, **kwargs):
     """(model, tokenizer, resolved local path) for `--model_name_or_path` (None: the embedded default)."""
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
-    model = load_model(path, model_args.trust_remote_code, dtype)
+    model = load_model(path, model_args.trust_remote_code, dtype, **kwargs)
     return model, tokenizer, path

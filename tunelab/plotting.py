@@ -1,4 +1,5 @@
-"""Loss curve of a run: raw and smoothed training loss from trainer_state.json's log history.
+"""Loss curve of a run: raw and smoothed training loss (and the eval loss of evaluations during training)
+from trainer_state.json's log history.
 
 `--plot_loss` always leaves training_loss.png or one line saying why not: a short run logs often enough for
 a curve (`logging_steps_for`), and a run that logged once is drawn as its single point.
@@ -39,11 +40,12 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def loss_points(log_history: list[dict]) -> tuple[list[int], list[float]]:
-    """(steps, losses) of the logged training losses; when none was logged (a run shorter than
-    logging_steps), the run's mean loss at its last step (the `train_loss` entry) as the one point."""
-    for key in ("loss", "train_loss"):
-        points = [(int(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
+def loss_points(log_history: list[dict], key: str = "loss") -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the log history: "loss" (training) or "eval_loss" (eval during training).
+    For "loss", when none was logged (a run shorter than logging_steps), the run's mean loss at its last step
+    (the `train_loss` entry) as the one point."""
+    for name in ((key, "train_loss") if key == "loss" else (key,)):
+        points = [(int(e["step"]), float(e[name])) for e in log_history if name in e and "step" in e]
         if points:
             return [s for s, _ in points], [v for _, v in points]
     return [], []
@@ -70,6 +72,9 @@ def plot_loss(run_dir: str | Path, out_name: str = "training_loss.png") -> Path 
     marker = "o" if len(steps) < 2 * MIN_POINTS else None  # a few points (or one) stay visible
     ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="raw", marker=marker)
     ax.plot(steps, smooth(losses), color="#1f77b4", label="smoothed")
+    eval_steps, eval_losses = loss_points(state.get("log_history", []), "eval_loss")
+    if eval_steps:  # --do_train --do_eval: eval loss at each evaluation
+        ax.plot(eval_steps, eval_losses, "o-", color="#d62728", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"training loss of {run_dir.name}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -167,3 +168,30 @@ def build_dataset(data_args: DataArguments, tokenizer, stage: str) -> datasets.D
     _save(dataset, stats, path, replace=data_args.overwrite_cache)
     logger.info("tokenized data: %d %s rows cached as %s", len(dataset), stage, key)
     return load_from_disk(str(path))
+
+
+# ---------------------------------------------------------------- eval data during training
+
+def val_count(val_size: float, rows: int) -> int:
+    """How many of `rows` training rows --val_size holds out: a fraction (< 1, rounded up, as datasets'
+    train_test_split does) or a number of rows; at least one row must be left to train on."""
+    if not val_size:
+        return 0
+    count = math.ceil(val_size * rows) if val_size < 1 else int(val_size)
+    if count >= rows:
+        raise TunelabError(f"--val_size {val_size:g} holds out {count} of the {rows} training rows, leaving none to "
+                           "train on: give a smaller fraction or count")
+    return count
+
+
+def split_for_eval(dataset: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval): --val_size rows held out of the tokenized training rows, picked by a permutation seeded
+    with `seed` (the same split for the same seed and data), disjoint; both keep the data set's row order.
+    In memory, so the shared tokenized-data cache entry is never written to."""
+    import numpy as np
+
+    held = np.random.default_rng(seed).permutation(len(dataset))[:val_count(val_size, len(dataset))]
+    is_held = np.zeros(len(dataset), dtype=bool)
+    is_held[held] = True
+    return (dataset.select(np.flatnonzero(~is_held), keep_in_memory=True),
+            dataset.select(np.flatnonzero(is_held), keep_in_memory=True))

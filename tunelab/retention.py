@@ -39,11 +39,11 @@ def model_fingerprint(path: str) -> dict[str, Any]:
 
 def base_cache_path(args: Args, base_path: str, dataset) -> Path:
     from tunelab.paths import cache_dir, cache_key
-    from tunelab.setup import decoding_record
+    from tunelab.setup import base_dtype_key, decoding_record
 
     key = cache_key(model_fingerprint(base_path), dataset._fingerprint, decoding_record(args),
                     args.training.bf16, args.training.per_device_eval_batch_size,
-                    args.generation.max_generate_samples)
+                    args.generation.max_generate_samples, *base_dtype_key(args.model))
     return cache_dir("predictions") / f"{key}.json"
 
 
@@ -170,9 +170,10 @@ def _num(x: float, sign: str = "") -> str:
 
 def base_likelihood_path(args: Args, base_path: str, dataset) -> Path:
     from tunelab.paths import cache_dir, cache_key
+    from tunelab.setup import base_dtype_key
 
     key = cache_key("likelihood", model_fingerprint(base_path), dataset._fingerprint, args.training.bf16,
-                    args.training.fp16, args.generation.likelihood_topk)
+                    args.training.fp16, args.generation.likelihood_topk, *base_dtype_key(args.model))
     return cache_dir("likelihood") / f"{key}.safetensors"
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunelab.cpu import cpu_has_fast_bf16  # noqa: F401  (part of the set-up API; tests swap it here)
-from tunelab.hparams import Args, DataArguments, ModelArguments
+from tunelab.hparams import Args, DataArguments, ModelArguments, TunelabError
 from tunelab.names import PROMPT_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,13 @@ def warn_slow_bf16() -> None:
 def resolve_precision(args: Args):
     """The training options with the precision this machine can run: unchanged on a GPU. fp16 needs a
     GPU: on a CPU it falls back to bf16 autocast where the CPU does bf16 fast, else fp32. With no precision
-    flag on such a CPU, bf16 autocast is the default (≈2x fp32 here)."""
+    flag on such a CPU, bf16 autocast is the default (≈2x fp32 here). A 16-bit base (--torch_dtype) runs
+    under its own dtype's autocast, whatever the flags say."""
     import torch
 
+    half = base_dtype(args.model)
+    if half in (torch.bfloat16, torch.float16):
+        return _half_base_precision(args, half)
     if torch.cuda.is_available():
         return args.training
     fast_bf16 = cpu_has_fast_bf16()
@@ -63,13 +69,110 @@ def resolve_precision(args: Args):
                                use_cpu=fast_bf16 or args.training.use_cpu)
 
 
+def _half_base_precision(args: Args, dtype):
+    """A bf16/fp16 base: autocast in that dtype, so frozen 16-bit weights and fp32 trained ones meet in one
+    dtype in every matmul (without it a Freeze layer's fp32 weight would meet bf16 activations)."""
+    import torch
+
+    bf16 = dtype == torch.bfloat16
+    if (args.training.bf16, args.training.fp16) != (bf16, not bf16) and {"bf16", "fp16"} & args.explicit:
+        logger.warning("--torch_dtype %s: training under %s autocast (the base's dtype)", args.model.torch_dtype,
+                       "bf16" if bf16 else "fp16")
+    cpu = not torch.cuda.is_available()
+    return dataclasses.replace(args.training, bf16=bf16, fp16=not bf16, use_cpu=cpu or args.training.use_cpu)
+
+
+TORCH_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def base_dtype(model_args: ModelArguments):
+    """The torch dtype the frozen base loads in (--torch_dtype). `auto` is float32 on every CPU, also one with
+    fast bf16: training there already holds the frozen linear weights in bf16 under autocast
+    (tunelab/speedups.py), and fp32 norms/embeddings keep eval scores comparable with cached base passes;
+    `--torch_dtype bfloat16` halves the memory. On a GPU `auto` is the checkpoint's own dtype (config.json's
+    dtype/torch_dtype; float32 where it names none). float16 on a CPU is refused (check_torch_dtype)."""
+    import torch
+
+    check_torch_dtype(model_args.torch_dtype)
+    name = model_args.torch_dtype
+    if name == "auto":
+        name = checkpoint_dtype(_base_path(model_args)) if torch.cuda.is_available() else "float32"
+    return getattr(torch, name)
+
+
+def check_torch_dtype(name: str) -> None:
+    import torch
+
+    if name == "float16" and not torch.cuda.is_available():
+        raise TunelabError("--torch_dtype float16 needs a GPU: CPUs have no fast fp16 matmuls (slower than fp32) "
+                           "and fp16's 5-bit exponent overflows without a GPU loss scaler; use --torch_dtype "
+                           "bfloat16 (half the memory) or float32")
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a HF model directory's config.json names (transformers 5: dtype; 4.x: torch_dtype); float32
+    when it names none or an unusual one."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in TORCH_DTYPE_NAMES else "float32"
+
+
+def _base_path(model_args: ModelArguments) -> Path:
+    from tunelab.methods import base_model_for, split_checkpoints
+    from tunelab.model import resolve_model_path
+
+    name = model_args.model_name_or_path or base_model_for(split_checkpoints(model_args.checkpoint_dir))
+    return resolve_model_path(name)
+
+
+def check_model_options(model_args: ModelArguments) -> None:
+    """The model options this machine cannot run, refused in one line before anything loads or is written
+    (train and eval call it first; load_base again)."""
+    from tunelab.quantization import check_quantization
+
+    check_torch_dtype(model_args.torch_dtype)
+    check_quantization(model_args)
+
+
+def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
+    """from_pretrained's extra arguments for the model options: quantization (tunelab/quantization.py)."""
+    from tunelab.quantization import load_kwargs as quantization_kwargs
+
+    return quantization_kwargs(model_args, dtype)
+
+
+def base_dtype_key(model_args: ModelArguments) -> list[str]:
+    """What a cache key holds of the base's dtype: nothing for float32 (keys from before --torch_dtype
+    stay valid), the dtype's name otherwise."""
+    import torch
+
+    dtype = base_dtype(model_args)
+    return [] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]
+
+
+def upcast_trainable(model) -> int:
+    """Master weights: every parameter that trains is held in float32, so optimizer updates smaller than a
+    16-bit weight's spacing (bf16: 2^-8 of its size) are not rounded away. Returns how many were cast."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def training_args(args: Args):
     """The training options every tunelab training run uses: resolved precision plus settings it needs
     from HF's TrainingArguments."""
+    training = resolve_precision(args)
     return dataclasses.replace(
-        resolve_precision(args),
+        training,
         remove_unused_columns=False,  # our model wrappers (P-Tuning) take **kwargs; keep labels
-        report_to=[],
+        prediction_loss_only=True,  # eval during training measures the loss (no logits kept)
+        # early stopping compares evaluations: on the eval loss unless told otherwise
+        metric_for_best_model=training.metric_for_best_model or ("loss" if args.run.early_stopping_patience else None),
     )
 
 
@@ -86,15 +189,15 @@ def autocast(args: Args):
 
 def load_base(model_args: ModelArguments, checkpoints: list[str]):
     """(model, tokenizer, base path): `--model_name_or_path`, or when it is not given the base model the
-    checkpoints record, so eval of a run needs only --checkpoint_dir. Weights in float32."""
-    import torch
-
+    checkpoints record, so eval of a run needs only --checkpoint_dir. Weights in --torch_dtype (base_dtype)."""
     from tunelab.methods import base_model_for
     from tunelab.model import load_model_and_tokenizer
 
+    check_model_options(model_args)
     if checkpoints and not model_args.model_name_or_path:
         model_args = dataclasses.replace(model_args, model_name_or_path=base_model_for(checkpoints))
-    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=torch.float32)
+    dtype = base_dtype(model_args)
+    model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=dtype, **load_kwargs(model_args, dtype))
     return model, tokenizer, str(path)
 
 
@@ -144,10 +247,12 @@ def setup_base(args: Args, stage: str) -> Setup:
 
 def apply_checkpoints(base: Setup, merge: bool = True) -> Setup:
     """`base` with --checkpoint_dir's checkpoints applied in order (LoRA merged into the weights when `merge`;
-    see methods.load_checkpoints)."""
+    see methods.load_checkpoints). On a quantized base the last adapter stays live (merging into 4/8-bit
+    weights would round it away)."""
     from tunelab.methods import load_checkpoints
+    from tunelab.quantization import is_quantized
 
-    model, method = load_checkpoints(base.model, base.checkpoints, merge=merge)
+    model, method = load_checkpoints(base.model, base.checkpoints, merge=merge and not is_quantized(base.model))
     return dataclasses.replace(base, model=model, method=method)
 
 
@@ -155,6 +260,23 @@ def setup_model(args: Args, stage: str, merge: bool = True) -> Setup:
     """Load the base model, take over the checkpoint's prompt options, apply the checkpoints (setup_base, then
     apply_checkpoints)."""
     return apply_checkpoints(setup_base(args, stage), merge=merge)
+
+
+def setup_training_model(args: Args) -> tuple[Setup, str | None]:
+    """(setup, checkpoint to go on training) for `tunelab train`. As the 2023 toolkit: when the method is LoRA
+    and the last --checkpoint_dir checkpoint is LoRA, --resume_lora_training true (default) merges the
+    earlier checkpoints into the base and returns the last one, whose adapter goes on training
+    (methods.continue_checkpoint); false merges them all (a new adapter is stacked on top); (setup, None)."""
+    from tunelab.methods import read_method
+
+    base = setup_base(args, "train")
+    last = base.checkpoints[-1] if base.checkpoints else None
+    go_on = (last is not None and args.finetune.resume_lora_training and args.finetune.finetuning_type == "lora"
+             and read_method(last)["finetuning_type"] == "lora")
+    if not go_on:
+        return apply_checkpoints(base), None
+    loaded = apply_checkpoints(dataclasses.replace(base, checkpoints=base.checkpoints[:-1]))
+    return dataclasses.replace(loaded, checkpoints=base.checkpoints), last
 
 
 # ---- records of what a run resolved ----

@@ -76,14 +76,16 @@ def run_train(args: Args) -> dict[str, Any]:
     """Check the output dir and the checkpoint to resume from, then train with run_status.json saying how it
     went (tunelab/integrity.py); a signal stops it after the step with a checkpoint (tunelab/signals.py)."""
     from tunelab import runinfo, signals
-    from tunelab.methods import get_method, split_checkpoints
     from tunelab.logs import trainer_progress
+    from tunelab.methods import get_method, split_checkpoints
     from tunelab.resume import clear_old_checkpoints, resolve_resume
-    from tunelab.setup import training_args
+    from tunelab.setup import check_model_options, training_args
 
     if not get_method(args.finetune.finetuning_type).trains:
         raise TunelabError(f"finetuning_type {args.finetune.finetuning_type} trains nothing: use it with --do_eval or "
                            "--do_predict")
+    check_model_options(args.model)
+    check_eval_data(args)
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args.training.resume_from_checkpoint, out)
     if args.run.overwrite_output_dir and not resume:
@@ -120,41 +122,48 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     """Model -> data -> method -> the shared trainer -> weights, trainer_state.json, train_results.json."""
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from tunelab import integrity, methods, runinfo, signals
+    from tunelab import integrity, runinfo, signals
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.nonfinite import NonFiniteGuard
-    from tunelab.preprocess import build_dataset
     from tunelab.resume import Bookkeeping, whole_run_loss
-    from tunelab.setup import setup_model
+    from tunelab.setup import setup_training_model
     from tunelab.trainer import TunelabTrainer
 
-    # earlier checkpoints (--checkpoint_dir) are merged in: their weights become part of the base
-    loaded = setup_model(args, "train")
+    # earlier checkpoints (--checkpoint_dir) are merged in, their weights part of the base; a last LoRA one
+    # goes on training with --resume_lora_training (setup_training_model)
+    loaded, go_on = setup_training_model(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "right"
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
-        dataset = build_dataset(args.data, tokenizer, "train")
+        dataset, eval_dataset = training_data(args, tokenizer)
     args = _with_plot_logging(args, len(dataset))
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
-    model, info = methods.prepare_model(model, args.finetune)
+    model, info = prepare_method(model, args, go_on)
     if distributed.is_main():
         print(info.summary(), flush=True)
         runinfo.write_run_files(out, args, {"trainable.json": info.to_dict()})
         integrity.set_status(out, "running", resumed_from=resume)
     trainer = TunelabTrainer(
-        model=model, args=args.training, train_dataset=dataset, processing_class=tokenizer,
+        model=model, args=args.training, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-        method_info=info, base_model=loaded.base_path, run_args=args.to_dict(), callbacks=[Bookkeeping()])
+        callbacks=[Bookkeeping(), *callbacks(args)], method_info=info, base_model=loaded.base_path,
+        run_args=args.to_dict())
     trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
     signals.check()  # a signal during set-up: nothing trained yet, nothing to save
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
         result = trainer.train(resume_from_checkpoint=resume)
-    signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
-    trainer.save_model()
-    metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
-    if resume:
-        metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
-    trainer.log_metrics("train", metrics)
+        signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
+        trainer.save_model()
+        metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
+        if resume:
+            metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
+        trainer.log_metrics("train", metrics)
+        if eval_dataset is not None and args.training.do_eval:  # the final model's eval loss, as HF's examples
+            evaluated = trainer.evaluate()
+            trainer.log_metrics("eval", evaluated)
+            if trainer.is_world_process_zero():
+                runinfo.save_results(out, "eval", evaluated)
+            metrics.update(evaluated)
     if trainer.is_world_process_zero():
         runinfo.write_json(out / "trainer_state.json", dataclasses.asdict(trainer.state))
         integrity.set_status(out, "done")  # the weights and state are whole: --checkpoint_dir may load them
@@ -204,3 +213,52 @@ def finished_message(out: Path, args: Args) -> str:
     """What `tunelab train` prints last: where the outputs are, and the next command to run."""
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     return "\n".join([f"outputs in {out}/: {', '.join(files)}", f"next, score it: {next_command(out, args)}"])
+
+
+def check_eval_data(args: Args) -> None:
+    """Before the model loads: --val_size leaves training rows, --eval_dataset names registered data sets."""
+    from tunelab.data import load_examples
+    from tunelab.preprocess import val_count
+
+    if args.data.val_size:
+        val_count(args.data.val_size, load_examples(args.data)[1].kept)
+    if args.data.eval_dataset:
+        load_examples(dataclasses.replace(args.data, dataset=args.data.eval_dataset))
+
+
+def training_data(args: Args, tokenizer):
+    """(train rows, eval rows or None): --val_size rows held out of the training set (seeded by --seed), or
+    --eval_dataset's rows, both tokenized as training rows so that the eval loss is the training loss."""
+    from tunelab.preprocess import build_dataset, split_for_eval
+
+    dataset = build_dataset(args.data, tokenizer, "train")
+    if args.data.val_size:
+        return split_for_eval(dataset, args.data.val_size, args.training.seed)
+    if args.data.eval_dataset:
+        return dataset, build_dataset(dataclasses.replace(args.data, dataset=args.data.eval_dataset), tokenizer, "train")
+    return dataset, None
+
+
+def prepare_method(model, args: Args, go_on: str | None):
+    """(model, MethodInfo): the method applied (or the last LoRA checkpoint's adapter going on training), on a
+    quantized base after peft's k-bit preparation, with every trained weight in float32."""
+    from tunelab import methods
+    from tunelab.quantization import prepare_for_training
+    from tunelab.setup import upcast_trainable
+
+    model = prepare_for_training(model, args.training.gradient_checkpointing)  # a quantized base (QLoRA)
+    if go_on:  # --resume_lora_training: the last LoRA checkpoint's adapter trains on
+        logger.info("going on training the adapter of %s (--resume_lora_training false: a new one)", go_on)
+        model, info = methods.continue_checkpoint(model, go_on)
+    else:
+        model, info = methods.prepare_model(model, args.finetune)
+    if upcast_trainable(model):  # a 16-bit base (--torch_dtype): the weights that train stay fp32 master weights
+        logger.info("trainable weights held in float32 over a %s base", args.model.torch_dtype)
+    return model, info
+
+
+def callbacks(args: Args) -> list:
+    from transformers import EarlyStoppingCallback
+
+    patience = args.run.early_stopping_patience
+    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []

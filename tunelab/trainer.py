@@ -107,4 +107,5 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = pack_batch(inputs, self.speedups) if self.packing else None
         loss = supervised_loss(model, packed or inputs, self.speedups)
-        return (loss, None) if return_outputs else loss
+        # eval during training (prediction_step) reads outputs as a dict; the loss is all it measures
+        return (loss, {"loss": loss}) if return_outputs else loss

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
     from tunelab.hparams import FinetuningArguments
 
-__all__ = ["METHOD_FILE", "REGISTRY", "Method", "MethodInfo", "base_model_for", "count_params", "get_method",
+__all__ = ["METHOD_FILE", "REGISTRY", "Method", "MethodInfo", "base_model_for", "continue_checkpoint", "count_params",
+           "get_method",
            "load_checkpoints", "load_trainable", "method_names", "prepare_model", "read_method", "register_method",
            "restore_trainable", "save_trainable", "split_checkpoints"]
 
@@ -147,6 +148,21 @@ def load_checkpoints(model: nn.Module, checkpoints: list[str], merge: bool = Tru
         if method.merge is not None and (merge or not is_last):
             model = method.merge(model)
     return model, meta
+
+
+def continue_checkpoint(model: nn.Module, ckpt: str | Path) -> tuple[nn.Module, MethodInfo]:
+    """`model` with checkpoint `ckpt`'s weights loaded trainable, to go on training them (2023's
+    --resume_lora_training): what trains is what the checkpoint trained, with its own settings (rank,
+    targets), whatever the method flags say now."""
+    meta = read_method(ckpt)
+    method = _method_of(ckpt, meta)
+    model = method.load(model, Path(ckpt), True)
+    skip = {"finetuning_type", "trainable_params", "all_params", "trainable_percent", "layers", "modules",
+            "base_model"}
+    info = MethodInfo(method.name, list(meta.get("modules", [])), list(meta.get("layers", [])),
+                      extra={k: v for k, v in meta.items() if k not in skip})
+    info.trainable_params, info.all_params = count_params(model)
+    return model, info
 
 
 def split_checkpoints(checkpoint_dir: str | None) -> list[str]:

@@ -406,6 +406,8 @@ def _plan(spec: Spec, study_dir: Path, row: dict[str, Any], seed: int) -> RowPla
             dataset = f"{dataset},{spec.aux_dataset}"
         train = {**spec.shared, **spec.train, **row["options"], "dataset": dataset, "seed": seed,
                  "do_train": True, "output_dir": str(study_dir / rel / "train")}
+        if train.get("report_to") not in (None, "none", [], ["none"]):  # trackers name each run after its row
+            train.setdefault("run_name", Path(rel).name)
         if spec.eval_every:  # a checkpoint at every trajectory point, all kept
             train.update(save_strategy="steps", save_steps=spec.eval_every, save_total_limit=None)
     evals = {}
