@@ -17,7 +17,7 @@ import re
 import textwrap
 from typing import Any, Iterable
 
-from tunelab.cli import ALIAS_NOTE, Parser
+from tunelab.cli import Parser
 
 # heading of each option dataclass; any other dataclass is headed by its name less "Arguments"
 TITLES = {

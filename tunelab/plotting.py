@@ -59,7 +59,8 @@ def plot_loss(run_dir: str | Path, out_name: str = "training_loss.png") -> Path 
     if not state_file.is_file():
         logger.warning("--plot_loss: no plot, %s is missing", state_file)
         return None
-    steps, losses = loss_points(json.loads(state_file.read_text(encoding="utf-8")).get("log_history", []))
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    steps, losses = loss_points(state.get("log_history", []))
     if not steps:
         logger.warning("--plot_loss: no plot, %s logged no training loss (no optimizer step ran)", state_file)
         return None
