@@ -145,3 +145,13 @@ def test_setup_model_for_training_keeps_its_options_and_can_keep_the_adapter(tin
     assert type(loaded.model).__name__ == "PeftModelForCausalLM"  # the last LoRA stays a live adapter
     plain = setup.setup_model(parse_args(["--model_name_or_path", str(tiny_llama_dir)]), "eval")
     assert plain.checkpoints == [] and plain.method == {"finetuning_type": "none"}
+
+
+def test_eval_merges_lora_into_the_weights_with_the_live_adapters_outputs(lora_dir):
+    """Eval runs the LoRA checkpoint merged into the base (no adapter matmuls per step): the same logits as
+    the live adapter, up to float rounding (issue 15)."""
+    args = parse_args(["--checkpoint_dir", str(lora_dir)])
+    merged = setup.setup_model(args, "eval").model.eval()
+    live = setup.setup_model(args, "eval", merge=False).model.eval()
+    assert type(live).__name__ == "PeftModelForCausalLM" and type(merged).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(_logits(merged), _logits(live), atol=1e-5, rtol=1e-5)

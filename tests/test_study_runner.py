@@ -242,6 +242,12 @@ def test_tiny_study_end_to_end(tiny_llama_dir, tmp_path):
     assert (out / "rows/r01_lora_qkv_last1_s42/persona/generated_predictions.jsonl").is_file()
     report = (out / "report.md").read_text()
     assert "| 3 | p_tuning | prefix | all | no | 512 |" in report
+    # the per-sample likelihood measures (issue 14): files per stage, columns with CIs, verdicts on NLL
+    lines = (out / "rows/r01_lora_qkv_last1_s42/general/likelihood.jsonl").read_text().splitlines()
+    assert lines and {"index", "tokens", "nll", "kl"} <= set(json.loads(lines[0]))
+    assert "style gain (nll)" in report and "retention (-kl)" in report and "verdict (NLL)" in report
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"style_gain_nll", "style_gain_nll_lo", "retention_nll", "retention_kl"} <= set(header)
     assert main(argv) == 0  # a rerun finds every row done
     assert all(json.loads((p / "row.json").read_text())["attempts"] == 1 for p in (out / "rows").iterdir())
 

@@ -154,33 +154,39 @@ def _fmt_groups(values: dict[str, np.ndarray], digits: int) -> str:
     return ", ".join(f"{g} {p:+.{digits}f}" for g, p in sorted(points.items(), key=lambda kv: kv[1]))
 
 
-def _start(key: str, claim: str, test: str, m: Measured) -> Verdict:
-    return Verdict(key, claim, INCONCLUSIVE, test, measures=m.label)
+def _start(key: str, claim: str, test: str, study: Study | Measured) -> tuple[Measured, Verdict]:
+    """(the study's measured rows, an inconclusive verdict to fill in) for one check."""
+    m = study if isinstance(study, Measured) else measured(study)
+    return m, Verdict(key, claim, INCONCLUSIVE, test, measures=m.label)
 
 
 # ---- the four checks ----
 
 def check_freeze_first(study: Study | Measured) -> Verdict:
-    m = study if isinstance(study, Measured) else measured(study)
-    v = _start("a", "Freeze on the first layers damages general scores most",
-               "margin = lowest mean retention of the other method groups - freeze-first's", m)
+    m, v = _start("a", "Freeze on the first layers damages general scores most",
+               "margin = lowest mean retention of the other method groups - freeze-first's", study)
     values = group_values(m.rows, m.retention)
-    if "freeze-first" not in values or len(values) < 2:
-        v.figures.append("needs freeze-first rows and another method group")
+    if _lacks_groups(v, values, "freeze-first"):
         return v
     v.figures.append(f"retention by group: {_fmt_groups(values, m.digits('retention'))}")
     _decide(v, _extreme("freeze-first", values, highest=False), m.digits("retention"))
     return v
 
 
+def _lacks_groups(v: Verdict, values: dict, target: str) -> bool:
+    """True (and the figures say so) unless `target` and at least one other method group have values."""
+    if target in values and len(values) >= 2:
+        return False
+    v.figures.append(f"needs {target} rows and another method group")
+    return True
+
+
 def check_p_tuning(study: Study | Measured) -> Verdict:
-    m = study if isinstance(study, Measured) else measured(study)
-    v = _start("b", "P-Tuning keeps knowledge but learns little style",
+    m, v = _start("b", "P-Tuning keeps knowledge but learns little style",
                "margin = min(p_tuning retention - highest other group's, lowest other group's style gain - "
-               "p_tuning's); not supported when either part is below 0", m)
+               "p_tuning's); not supported when either part is below 0", study)
     ret, gain = group_values(m.rows, m.retention), group_values(m.rows, m.style)
-    if "p_tuning" not in ret or len(ret) < 2:
-        v.figures.append("needs p_tuning rows and another method group")
+    if _lacks_groups(v, ret, "p_tuning"):
         return v
     keep, little = _extreme("p_tuning", ret, highest=True), _extreme("p_tuning", gain, highest=False)
     parts = []
@@ -199,10 +205,9 @@ def check_p_tuning(study: Study | Measured) -> Verdict:
 
 
 def check_aux_decides_lora(study: Study | Measured) -> Verdict:
-    m = study if isinstance(study, Measured) else measured(study)
-    v = _start("c", "The auxiliary set decides LoRA's retention",
+    m, v = _start("c", "The auxiliary set decides LoRA's retention",
                "margin = mean retention(aux) - retention(no aux) over LoRA twins, minus the largest effect "
-               "(range of level means) of the weights and of the layers", m)
+               "(range of level means) of the weights and of the layers", study)
     lora = [r for r in m.rows if r.labels.get("method") == "lora"]
     pairs = _aux_pairs(lora)
     if not pairs:
@@ -245,10 +250,9 @@ def _fmt_opt(x: np.ndarray | None, digits: int) -> str:
 
 
 def check_qkv_last3(study: Study | Measured) -> Verdict:
-    m = study if isinstance(study, Measured) else measured(study)
-    v = _start("d", "Last-3-layer QKV (LoRA) is the best trade-off",
+    m, v = _start("d", "Last-3-layer QKV (LoRA) is the best trade-off",
                "margin = z(style gain) + z(retention) of the best LoRA qkv last-layers row minus the best "
-               "other trained row's (z over the trained rows)", m)
+               "other trained row's (z over the trained rows)", study)
     rows = m.rows
     cands = [i for i, r in enumerate(rows) if group_of(r.labels) == "lora-last" and r.labels.get("weights") == "qkv"]
     others = [i for i in range(len(rows)) if i not in cands]
