@@ -51,7 +51,7 @@ def _with_stage(argv: list[str], flag: str) -> list[str]:
 def run(args: Args) -> dict[str, Any]:
     """Run the one stage the options ask for; returns its metrics."""
     stage = check_stage(args.training)
-    check_inputs(args, stage)  # output dir and data sets, before any model loads
+    check_inputs(args, stage)  # output dir, data sets, method targets: before any model loads
     if stage == "train":
         return run_train(args)
     from tunelab.evaluate import run_eval
