@@ -313,16 +313,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _parse_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load(text); malformed YAML fails naming path:line."""
     import yaml
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        mark = getattr(err, "problem_mark", None)  # where the parser gave up (0-based)
         what = " ".join(str(getattr(err, "problem", None) or err).split())
-        raise TunelabError(f"{where}: malformed YAML ({what}{', column %d' % (mark.column + 1) if mark else ''})"
-                           ) from None
+        if mark is None:
+            raise TunelabError(f"{path}: malformed YAML ({what})") from None
+        raise TunelabError(f"{path}:{mark.line + 1}: malformed YAML ({what}, column {mark.column + 1})") from None
 
 
 def _explicit_names(argv: list[str]) -> frozenset[str]:

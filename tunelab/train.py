@@ -64,7 +64,7 @@ def run(args: Args) -> dict[str, Any]:
 
     quiet_known_warnings()  # also for a study's worker processes, which do not pass through the CLI
     stage = check_stage(args.training)
-    check_inputs(args, stage)  # output dir and data sets, before any model loads
+    check_inputs(args, stage)  # output dir, data sets, method targets: before any model loads
     if stage == "train":
         return run_train(args)
     from tunelab.evaluate import run_eval
