@@ -143,10 +143,9 @@ def test_export_refuses_a_used_directory_and_a_missing_flag(exported, tmp_path):
         main(["--checkpoint_dir", str(ckpts["lora"]), "--export_dir", str(tmp_path / "x"), "--export_sise", "1GB"])
 
 
-def test_export_refuses_its_own_input_as_output(exported):
+def test_export_refuses_its_own_input_as_output(tiny_llama_dir, tmp_path):
     """--export_dir the checkpoint itself, or a folder inside it or around it: the export would delete it."""
-    ckpts, _, _ = exported
-    ckpt = ckpts["lora"]
+    ckpt = make_lora(tiny_llama_dir, tmp_path / "runs" / "lora")
     before = sorted(p.name for p in ckpt.iterdir())
     for target, word in ((ckpt, "is"), (ckpt / "merged", "overlaps"), (ckpt.parent, "overlaps")):
         with pytest.raises(TunelabError, match=f"--export_dir .* {word} the checkpoint"):
