@@ -91,6 +91,8 @@ def test_the_queue_is_bounded_and_a_queued_cancel_ends_at_once(tiny_llama_dir, e
     gens = [small.stream(to_messages("Hi")), small.stream(to_messages("Hi"))]
     with pytest.raises(Busy, match="busy"):
         small.stream(to_messages("Hi"))
+    with pytest.raises(BadRequest, match="at most 2"):  # could never fit: not 'busy'
+        small.stream(to_messages("Hi"), n=3, temperature=1.0)
     assert small.in_flight == 2
     for gen in gens:
         gen.cancel()
@@ -106,3 +108,15 @@ def test_cancelling_one_row_leaves_the_others_running(engine):
     assert done.wait(60) and short.reply.finish_reason in ("stop", "length")
     long.cancel()
     assert long.wait(30) and long.reply.finish_reason == "cancelled" and engine.in_flight == 0
+
+
+def test_a_failing_batch_ends_its_requests_with_the_error(engine):
+    from tunelab.batching import Generation
+
+    broken = {**engine._generate_kwargs(engine.generation), "not_a_generate_option": 1}
+    gen = Generation(engine, [engine.prompt_ids(to_messages("Hi"))], broken)
+    engine.scheduler.submit(gen)
+    with pytest.raises(ValueError, match="not_a_generate_option"):
+        gen.result()
+    assert gen.done.is_set() and engine.in_flight == 0
+    assert engine.chat(to_messages("Hi"), max_new_tokens=2).completion_tokens > 0

@@ -252,6 +252,21 @@ def test_eight_concurrent_streams_are_batched_and_complete(client, url, engine):
     assert max(httpx.get(f"{url}/health").json()["recent_batch_sizes"]) > 1
 
 
+def test_a_full_queue_is_a_503(engine):
+    from tunelab.engine import ChatEngine
+
+    small = ChatEngine(engine.model, engine.tokenizer, engine.template, generation=engine.generation, name="small",
+                       scheduler=Scheduler(max_batch=8, window_s=30, max_queue=1))
+    queued = small.stream(HELLO)  # waits out the window: the queue is full
+    try:
+        with serving(create_app(small)) as url:
+            error = _error(httpx.post(f"{url}/v1/chat/completions", json={"model": "small", "messages": HELLO}), 503)
+        assert error["code"] == "server_busy" and error["type"] == "server_error"
+    finally:
+        queued.cancel()
+    assert queued.wait(5) and small.in_flight == 0
+
+
 def _in_flight(url: str) -> int:
     return httpx.get(f"{url}/health").json()["in_flight"]
 

@@ -44,6 +44,14 @@ class Busy(TunelabError):
     """The queue is full; the caller should try again shortly (serve answers 503)."""
 
 
+class BadRequest(TunelabError):
+    """A request setting the engine cannot honour; `param` names it (serve answers 400 with it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class Reply:
     text: str
@@ -169,7 +177,8 @@ class Generation:
             self.done.set()
             self._notify()
 
-    def _end_unstarted(self) -> None:
+    def _end_remaining(self) -> None:
+        """End every row not ended yet: empty, 'cancelled' (queued and dropped, or its batch failed)."""
         for i, prompt in enumerate(self.row_prompts):
             self._end_row(i, Reply("", len(prompt), 0, "cancelled"))
 
@@ -188,6 +197,9 @@ class Scheduler:
         self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of the latest batches, newest last
 
     def submit(self, gen: Generation) -> None:
+        if gen.size > self.max_queue:
+            raise BadRequest(f"the request asks for {gen.size} answers (prompts x n); this server takes at most "
+                             f"{self.max_queue} at a time", "n")
         with self._cond:
             queued = sum(g.size for g in self._pending)
             if queued + gen.size > self.max_queue:
@@ -207,7 +219,7 @@ class Scheduler:
             if queued:
                 self._pending.remove(gen)
         if queued:
-            gen._end_unstarted()
+            gen._end_remaining()
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
@@ -239,27 +251,36 @@ class Scheduler:
 # ---- one batch ----
 
 def run_batch(gens: list[Generation]) -> None:
-    """Generate every row of `gens` (same engine and settings) in one generate call."""
-    from tunelab.generation import _budgets, _ids
-
-    engine, kwargs = gens[0].engine, gens[0].kwargs
-    eos = set(_ids(kwargs.get("eos_token_id")))
-    rows = [_Row(g, i, p, eos) for g in gens for i, p in enumerate(g.row_prompts)]
-    for row in rows:
-        row.budget = _budgets([row.prompt], row.gen.kwargs, engine.model)[0]  # each request its own max_tokens
-        if row.budget <= 0:  # the prompt alone fills max_length
-            row.end("length", engine.decoder)
-    live = [r for r in rows if not r.done]
+    """Generate every row of `gens` (same engine and settings) in one generate call. Whatever fails, every
+    request ends (its consumer gets the error): a waiting client never hangs."""
+    rows: list[_Row] = []
     try:
+        rows = _start_rows(gens)
+        live = [r for r in rows if not r.done]
         if live:
-            _generate(engine, live, kwargs, gens[0].seed)
+            _generate(gens[0].engine, live, gens[0].kwargs, gens[0].seed)
     except Exception as err:  # handed to each request's consumer (serve answers in OpenAI's error shape)
         logger.exception("generation failed")
         for gen in gens:
             gen.error = err
     finally:
         for row in rows:
-            row.end("cancelled" if row.gen.cancelled.is_set() else "length", engine.decoder)
+            row.end("cancelled" if row.gen.cancelled.is_set() else "length", gens[0].engine.decoder)
+        for gen in gens:  # rows never made (a failure above)
+            gen._end_remaining()
+
+
+def _start_rows(gens: list[Generation]) -> list[_Row]:
+    from tunelab.generation import _budgets, _ids
+
+    engine = gens[0].engine
+    eos = set(_ids(gens[0].kwargs.get("eos_token_id")))
+    rows = [_Row(g, i, p, eos) for g in gens for i, p in enumerate(g.row_prompts)]
+    for row in rows:
+        row.budget = _budgets([row.prompt], row.gen.kwargs, engine.model)[0]  # each request its own max_tokens
+        if row.budget <= 0:  # the prompt alone fills max_length
+            row.end("length", engine.decoder)
+    return rows
 
 
 def _generate(engine, rows: list[_Row], kwargs: dict[str, Any], seed: int | None) -> None:

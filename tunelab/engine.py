@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tunelab.batching import Busy, Generation, Reply, Scheduler
+from tunelab.batching import BadRequest, Busy, Generation, Reply, Scheduler
 from tunelab.errors import TunelabError
 from tunelab.hparams import Args, GenerationArguments
 
@@ -85,14 +85,6 @@ def to_example(messages: Sequence[dict]):
                            f"and end with a user message (got {', '.join(roles) or 'none'})")
     history = tuple((messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2))
     return Example(prompt=messages[-1]["content"], query="", response="", history=history, system=system)
-
-
-class BadRequest(TunelabError):
-    """A request setting the engine cannot honour; `param` names it (serve answers 400 with it)."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
