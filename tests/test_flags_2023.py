@@ -103,7 +103,8 @@ def test_resume_lora_training_true_goes_on_training_the_last_adapter(tiny_llama_
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the checkpoint's rank-4 adapter, not a new one
     trainable = json.loads((second / "trainable.json").read_text())
-    assert trainable["lora_rank"] == 4 and trainable["modules"] == json.loads((first / "trainable.json").read_text())["modules"]
+    modules = json.loads((first / "trainable.json").read_text())["modules"]
+    assert trainable["lora_rank"] == 4 and trainable["modules"] == modules
 
 
 def test_resume_lora_training_false_stacks_a_new_adapter(tiny_llama_dir, tiny_data_dir, tmp_path):

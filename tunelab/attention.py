@@ -204,6 +204,14 @@ def packed_attention_enabled(model, options: SpeedupOptions = DEFAULT_OPTIONS) -
             _hf_model(model).set_attn_implementation(restore)
 
 
+def flash_varlen(model, options: SpeedupOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether `model` runs transformers' flash_attention_2 (--attn_implementation), whose varlen kernel keeps
+    the samples of a packed row apart by itself (position_ids restart at 0 per sample): pack_batch's rows go
+    to it as they are, no attention of tunelab's is registered."""
+    config = getattr(_hf_model(model), "config", None)
+    return options.packing and getattr(config, "_attn_implementation", None) == "flash_attention_2"
+
+
 @functools.lru_cache(maxsize=None)
 def _attention_function(options: SpeedupOptions):
     """The function registered for `options`: the same object every time (re-registering changes nothing)."""

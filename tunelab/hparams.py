@@ -45,6 +45,7 @@ GENERATION_PRESETS = {
 
 
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")  # --torch_dtype (issue 16)
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # --attn_implementation (issue 16)
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -64,6 +65,11 @@ class ModelArguments:
         "auto", "dtype of the frozen base weights: auto (the checkpoint's own dtype on a GPU, float32 on a CPU), "
         "bfloat16, float16 (GPU only), float32. Trained weights stay float32; a 16-bit base trains under that "
         "dtype's autocast.", choices=list(TORCH_DTYPES))
+    # ---- issue 16: attention kernel ----
+    attn_implementation: str = _opt(
+        "auto", "Attention: auto (transformers' default, SDPA; training packs batches padding-free with tunelab's "
+        "per-sample attention, the CPU default), sdpa (the same), eager (padded batches), flash_attention_2 (CUDA GPU "
+        "+ flash-attn; padding-free batches through its varlen kernel).", choices=list(ATTN_IMPLEMENTATIONS))
     # ---- issue 16: the rest of the 2023 ModelArguments (see REFUSED_2023 for the ones kept at their default) ----
     quantization_bit: int | None = _opt(
         None, "Quantize the frozen base to 4 (NF4) or 8 bits with bitsandbytes and train LoRA on it (QLoRA). "
@@ -473,7 +479,8 @@ def check_report_to(training: Seq2SeqTrainingArguments) -> Seq2SeqTrainingArgume
         training = replace(training, report_to=names)
     for name in training.report_to:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise TunelabError(f"unknown --report_to '{name}': {closest(name, ['none', 'all', *INTEGRATION_TO_CALLBACK])}")
+            valid = ["none", "all", *INTEGRATION_TO_CALLBACK]
+            raise TunelabError(f"unknown --report_to '{name}': {closest(name, valid)}")
         check = REPORTER_CHECKS.get(name)
         if check and not getattr(integrations, check)():
             raise TunelabError(f"--report_to {name}: the {name} package is not installed: pip install {name}, "

@@ -132,13 +132,28 @@ def check_model_options(model_args: ModelArguments) -> None:
 
     check_torch_dtype(model_args.torch_dtype)
     check_quantization(model_args)
+    check_attention(model_args.attn_implementation)
+
+
+def check_attention(name: str) -> None:
+    import importlib.util
+
+    import torch
+
+    if name == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        raise TunelabError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package: "
+                           "use auto (on a CPU: tunelab's padding-free per-sample attention), sdpa or eager")
 
 
 def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
-    """from_pretrained's extra arguments for the model options: quantization (tunelab/quantization.py)."""
+    """from_pretrained's extra arguments for the model options: quantization (tunelab/quantization.py) and
+    an attention implementation other than transformers' default."""
     from tunelab.quantization import load_kwargs as quantization_kwargs
 
-    return quantization_kwargs(model_args, dtype)
+    kwargs = quantization_kwargs(model_args, dtype)
+    if model_args.attn_implementation != "auto":
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
 
 
 def base_dtype_key(model_args: ModelArguments) -> list[str]:

@@ -235,7 +235,8 @@ def training_data(args: Args, tokenizer):
     if args.data.val_size:
         return split_for_eval(dataset, args.data.val_size, args.training.seed)
     if args.data.eval_dataset:
-        return dataset, build_dataset(dataclasses.replace(args.data, dataset=args.data.eval_dataset), tokenizer, "train")
+        eval_data = dataclasses.replace(args.data, dataset=args.data.eval_dataset)
+        return dataset, build_dataset(eval_data, tokenizer, "train")
     return dataset, None
 
 

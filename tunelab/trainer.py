@@ -7,7 +7,8 @@ Every method trains through `TunelabTrainer`; methods differ only in the model t
   loss, fewer FLOPs (tests/test_trainer.py checks equality); on a CPU the cross-entropy runs in cache-sized
   chunks without full-size fp32 copies of the logits (tunelab/cross_entropy.py);
 - padding-free batches: a right-padded batch runs as one row holding its samples back to back, with
-  attention kept inside each sample (tunelab/attention.py). Same samples, same order, same targets, so
+  attention kept inside each sample (tunelab/attention.py; under --attn_implementation flash_attention_2,
+  its own varlen kernel). Same samples, same order, same targets, so
   the same loss up to float noise — minus the FLOPs spent on padding;
 - frozen weights cast once: under bf16/fp16 autocast the frozen nn.Linear weights are held in that dtype
   for the whole of training instead of being re-cast at every forward, and on a CPU dropout masks come from
@@ -29,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tunelab import methods
-from tunelab.attention import pack_batch, packed_attention_enabled
+from tunelab.attention import flash_varlen, pack_batch, packed_attention_enabled
 from tunelab.cross_entropy import cross_entropy
 from tunelab.hf_checkpoints import PickleFreeCheckpoints
 from tunelab.paths import apply_umask
@@ -90,7 +91,7 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
             with packed_attention_enabled(self.model, attention) as packing, \
                     linear_weights_cast(self.model, self._frozen_weight_dtype(), frozen_only=True), \
                     cpu_dropout(self.model, self.args.device, self.speedups.dropout_masks):
-                self.packing = packing
+                self.packing = packing or flash_varlen(self.model, attention)  # flash attention packs by itself
                 return super().train(*args, **kwargs)
         finally:
             self.packing = False
