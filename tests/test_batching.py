@@ -120,3 +120,9 @@ def test_a_failing_batch_ends_its_requests_with_the_error(engine):
         gen.result()
     assert gen.done.is_set() and engine.in_flight == 0
     assert engine.chat(to_messages("Hi"), max_new_tokens=2).completion_tokens > 0
+
+
+def test_wait_idle_returns_once_the_worker_has_ended(engine):
+    assert engine.chat(to_messages("Hello"), max_new_tokens=3).completion_tokens > 0
+    assert engine.scheduler.wait_idle(timeout=30)
+    assert engine.scheduler._worker is None and engine.in_flight == 0

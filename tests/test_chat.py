@@ -107,6 +107,7 @@ def test_cancel_stops_a_long_generation_and_frees_the_model(engine):
     gen.cancel()
     list(gen)
     assert time.time() - start < 5 and gen.reply.finish_reason == "cancelled"
+    assert engine.scheduler.wait_idle(timeout=5)  # the batch worker stopped generating and ended
     assert engine.in_flight == 0 and engine.chat(to_messages("Hi"), max_new_tokens=2).completion_tokens > 0
 
 

@@ -212,6 +212,15 @@ class Scheduler:
                 self._worker.start()
             self._cond.notify_all()
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has finished every queued batch and ended; True when it has. A process must
+        not exit while the (daemon) worker is still inside torch: the C++ runtime aborts the exit."""
+        with self._cond:
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+        return worker is None or not worker.is_alive()
+
     def discard(self, gen: Generation) -> None:
         """Drop a queued generation (its answers end now, 'cancelled'); a running one stops via its rows."""
         with self._cond:

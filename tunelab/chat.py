@@ -72,4 +72,6 @@ def main(argv: list[str]) -> int:
         run(engine, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
     except KeyboardInterrupt:
         print(file=sys.stdout)
+    finally:
+        engine.scheduler.wait_idle(timeout=30)  # the batch worker ends before the interpreter does
     return 0
