@@ -112,7 +112,8 @@ def test_the_walk_sees_imports_inside_functions_and_subpackages():
     graph = import_graph()
     assert "tunelab.study.runner" in graph and "tunelab.model" in graph
     assert "tunelab.train" in graph["tunelab.study.runner"]  # imported inside a function only
-    assert "tunelab.hparams" in graph["tunelab.model"]  # a top-level `from tunelab.hparams import ...`
+    assert "tunelab.errors" in graph["tunelab.model"]  # a top-level `from tunelab.errors import ...`
+    assert "tunelab.hparams" not in graph["tunelab.model"]  # only under TYPE_CHECKING: never runs
 
 
 def test_find_cycle_names_the_modules_of_a_cycle():

@@ -23,11 +23,15 @@ import os
 import shutil
 import tempfile
 import time
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 
-from tunelab.hparams import ModelArguments, TunelabError
+from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.hparams import ModelArguments
 from tunelab.targets import num_layers  # noqa: F401  (moved to targets; kept importable here)
 from tunelab.names import DEFAULT_MODEL_HUB_ID
 from tunelab.paths import apply_umask, cache_dir

@@ -79,7 +79,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("per_device_eval_batch_size", at_least(1), "an integer >= 1"),
     ("gradient_accumulation_steps", at_least(1), "an integer >= 1"),
     ("eval_accumulation_steps", at_least(1), "an integer >= 1"),
-    ("learning_rate", positive, "a finite number > 0"),
+    ("learning_rate", non_negative, "a finite number >= 0 (0: the weights do not move)"),
     ("num_train_epochs", non_negative, "a finite number > 0"),
     ("max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
      "an integer >= 1, or -1 to train --num_train_epochs epochs"),
