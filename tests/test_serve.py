@@ -76,6 +76,17 @@ def test_base_formats_prompts_as_the_checkpoints_run(engines):
     assert engines[BASE_ID].prompt_ids(HELLO) == engines[MODEL].prompt_ids(HELLO)
 
 
+@pytest.mark.parametrize("flag, value", [("max_batch_size", 0), ("max_queue", 0), ("batch_window_ms", -1),
+                                         ("max_tokens_limit", 0), ("max_request_mb", 0)])
+def test_bad_serve_options_fail_before_loading(flag, value):
+    from tunelab.errors import TunelabError
+    from tunelab.serve import check_options
+
+    assert check_options(ServeArguments()).max_batch == 8
+    with pytest.raises(TunelabError):
+        check_options(ServeArguments(**{flag: value}))
+
+
 def test_run_names():
     assert run_name("runs/study/lora_run") == "lora_run"
     assert run_name("runs/x/checkpoint-40/") == "x/checkpoint-40"
