@@ -98,7 +98,7 @@ def free_port() -> socket.socket:
 
 
 @contextlib.contextmanager
-def serving(app, timeout: float = 30):
+def serving(app, timeout: float = 120):
     """`app` served by uvicorn in a thread on a free loopback port; yields its base url."""
     import threading
     import time

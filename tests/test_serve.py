@@ -45,7 +45,7 @@ def url(engines):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
 def _error(response: httpx.Response, status: int) -> dict:
@@ -74,6 +74,17 @@ def test_every_loaded_model_is_listed_and_addressable(client, url, engines):
 def test_base_formats_prompts_as_the_checkpoints_run(engines):
     assert engines[BASE_ID].method == "none" and engines[BASE_ID].source_prefix == "You are Haruhi."
     assert engines[BASE_ID].prompt_ids(HELLO) == engines[MODEL].prompt_ids(HELLO)
+
+
+@pytest.mark.parametrize("flag, value", [("max_batch_size", 0), ("max_queue", 0), ("batch_window_ms", -1),
+                                         ("max_tokens_limit", 0), ("max_request_mb", 0)])
+def test_bad_serve_options_fail_before_loading(flag, value):
+    from tunelab.errors import TunelabError
+    from tunelab.serve import check_options
+
+    assert check_options(ServeArguments()).max_batch == 8
+    with pytest.raises(TunelabError):
+        check_options(ServeArguments(**{flag: value}))
 
 
 def test_run_names():
@@ -114,7 +125,7 @@ def test_streaming_chunks_add_up_to_the_same_answer(client, engine):
 
 def test_stream_ends_with_done(url):
     body = {"model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 4}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=300) as r:
         data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]" and json.loads(data[0])["object"] == "chat.completion.chunk"
 
@@ -247,7 +258,7 @@ def test_eight_concurrent_streams_are_batched_and_complete(client, url, engine):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=300)
     assert [texts.get(i) for i in range(8)] == expected
     assert max(httpx.get(f"{url}/health").json()["recent_batch_sizes"]) > 1
 
@@ -256,7 +267,7 @@ def test_a_full_queue_is_a_503(engine):
     from tunelab.engine import ChatEngine
 
     small = ChatEngine(engine.model, engine.tokenizer, engine.template, generation=engine.generation, name="small",
-                       scheduler=Scheduler(max_batch=8, window_s=30, max_queue=1))
+                       scheduler=Scheduler(max_batch=8, window_s=600, max_queue=1))
     queued = small.stream(HELLO)  # waits out the window: the queue is full
     try:
         with serving(create_app(small)) as url:
@@ -273,12 +284,12 @@ def _in_flight(url: str) -> int:
 
 def test_client_disconnect_mid_stream_frees_the_model(url, client):
     body = {"model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 50_000}  # ~a minute to finish
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=300) as r:
         lines = r.iter_lines()  # one iterator: a dropped one closes the response, i.e. disconnects early
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
-        assert wait_for(lambda: _in_flight(url) == 1, 10)
-    assert wait_for(lambda: _in_flight(url) == 0, 10), "the generation kept running after the client left"
+        assert wait_for(lambda: _in_flight(url) == 1, 60)
+    assert wait_for(lambda: _in_flight(url) == 0, 120), "the generation kept running after the client left"
     out = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     assert out.usage.completion_tokens <= 2
 
@@ -287,5 +298,5 @@ def test_a_non_streaming_client_that_gives_up_frees_the_model(url, client):
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 50_000}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=2)
-    assert wait_for(lambda: _in_flight(url) == 0, 10), "the generation kept running after the client left"
+    assert wait_for(lambda: _in_flight(url) == 0, 120), "the generation kept running after the client left"
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens <= 2

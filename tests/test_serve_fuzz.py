@@ -81,14 +81,14 @@ MALFORMED = [b"", b"{", b"[]", b"null", b"42", b'"text"', b"\xff\xfe\x00", b'{"m
 
 
 def test_malformed_and_mutated_bodies(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         statuses = [_post(client, body) for body in MALFORMED + _mutations(random.Random(0), 40)]
         statuses += [_post(client, body, "/v1/completions") for body in MALFORMED[:8]]
     assert statuses.count(400) >= len(statuses) - 2  # a mutation may stay valid
 
 
 def test_every_field_with_odd_values(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         for field in FIELDS:
             for value in ODD_VALUES:
                 _post(client, {**VALID, field: value})
@@ -103,7 +103,7 @@ def test_every_field_with_odd_values(url):
     ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300), ("stop", ["x"] * 1000), ("stop", "x" * 10_000),
 ])
 def test_extreme_numbers_are_answered_or_refused(url, field, value):
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         status = _post(client, {**VALID, field: value})
     assert status == (200 if (field, value) in (("temperature", 1e-300), ("top_p", 1e-300),
                                                 ("stop", "x" * 10_000)) else 400)
@@ -111,7 +111,7 @@ def test_extreme_numbers_are_answered_or_refused(url, field, value):
 
 def test_huge_prompts(url):
     many = [{"role": r, "content": "Hi"} for _ in range(1500) for r in ("user", "assistant")][:-1]
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         assert _post(client, {**VALID, "messages": [{"role": "user", "content": "Hello " * 50_000}]}) == 200
         assert _post(client, {**VALID, "messages": many}) == 200
         assert _post(client, {**VALID, "prompt": "<|im_start|>" * 20_000}, "/v1/completions") == 200
@@ -126,7 +126,7 @@ def test_twenty_concurrent_clients_mixing_good_and_bad_requests(url):
               {**VALID, "temperature": 1.0, "n": 3}]
 
     def client_run(i: int) -> list[int]:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=300) as client:
             return [_post(client, bodies[(i + k) % len(bodies)]) for k in range(6)]
 
     with ThreadPoolExecutor(20) as pool:
@@ -142,15 +142,15 @@ def test_abandoned_generations_are_cancelled_and_the_server_still_answers(url):
     rss_before = _rss_mb()
     long = {**VALID, "max_tokens": 50_000}
     for _ in range(3):  # streams left after their first event
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as r:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long, "stream": True}, timeout=300) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
     givers_up = [threading.Thread(target=_give_up, args=(url, long)) for _ in range(3)]
     for t in givers_up:
         t.start()
     for t in givers_up:
-        t.join(timeout=30)
-    assert wait_for(lambda: _in_flight(url) == 0, 15), "abandoned generations kept running"
-    with httpx.Client(base_url=url, timeout=30) as client:
+        t.join(timeout=60)
+    assert wait_for(lambda: _in_flight(url) == 0, 120), "abandoned generations kept running"
+    with httpx.Client(base_url=url, timeout=300) as client:
         assert _post(client, VALID) == 200 and _post(client, {**VALID, "prompt": "Hi"}, "/v1/completions") == 200
     assert _rss_mb() - rss_before < 300
 
@@ -164,7 +164,7 @@ def _give_up(url: str, body: dict) -> None:
 
 
 def test_odd_routes_and_methods(url):
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         for method, path in (("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("GET", "/v1/nothing"),
                              ("GET", "/v1/models/%00"), ("POST", "/v1/models"), ("GET", "/../../etc/passwd")):
             _check(client.request(method, path))

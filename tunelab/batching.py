@@ -227,6 +227,7 @@ class Scheduler:
             queued = gen in self._pending
             if queued:
                 self._pending.remove(gen)
+                self._cond.notify_all()  # a worker waiting out the window for it stops waiting
         if queued:
             gen._end_remaining()
 

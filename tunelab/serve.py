@@ -113,13 +113,13 @@ def create_app(engines: Mapping[str, ChatEngine] | ChatEngine, api_key: str | No
     async def chat_completions(body: ChatRequest, request: Request):
         engine = find_engine(engines, body.model)
         messages = [m.as_dict() for m in body.messages]
-        gen = await start(engine.stream, messages, body, max_tokens_limit)
+        gen = await start(engine, messages, body, max_tokens_limit)
         return await respond(gen, body, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         engine = find_engine(engines, body.model)
-        gen = await start(engine.complete, body.prompts(), body, max_tokens_limit)
+        gen = await start(engine, body.prompts(), body, max_tokens_limit)
         return await respond(gen, body, request, chat=False)
 
     return app
@@ -152,12 +152,13 @@ def request_settings(body: Sampling, limit: int) -> dict[str, Any]:
             "repetition_penalty": body.repetition_penalty, "seed": body.seed, "n": body.n, "stop": body.stop}
 
 
-async def start(submit, prompt, body: Sampling, limit: int) -> Generation:
+async def start(engine: ChatEngine, prompt, body: Sampling, limit: int) -> Generation:
     """Encode and queue a request in a worker thread (a huge prompt must not stall the event loop); the
     engine's refusals become 400s (503 when the queue is full) before any response starts."""
     settings = request_settings(body, limit)
     if settings["max_new_tokens"] is None:  # the server's own default, within the limit
-        settings.pop("max_new_tokens")
+        settings["max_new_tokens"] = min(engine.generation.max_new_tokens, limit)
+    submit = engine.stream if isinstance(body, ChatRequest) else engine.complete
     try:
         return await anyio.to_thread.run_sync(lambda: submit(prompt, **settings))
     except BadRequest as err:
@@ -315,15 +316,23 @@ def base_args(args: Args, first: ChatEngine, checkpoint: str) -> Args:
     return dataclasses.replace(args, model=model, data=data)
 
 
+def check_options(opts: ServeArguments) -> Scheduler:
+    """The request scheduler these options ask for; a bad value fails here, before any model loads."""
+    for name in ("max_tokens_limit", "max_request_mb"):
+        if getattr(opts, name) <= 0:
+            raise TunelabError(f"--{name} must be > 0, got {getattr(opts, name)}")
+    return Scheduler(opts.max_batch_size, opts.batch_window_ms / 1000, opts.max_queue)
+
+
 def main(argv: list[str]) -> int:
     import uvicorn
 
     args, opts = parse_with(argv, ServeArguments, prog="tunelab serve")
+    scheduler = check_options(opts)
     api_key = opts.api_key or os.environ.get(API_KEY_ENV) or None
     if opts.host not in LOOPBACK and not api_key:
         logger.warning("serving on %s without an API key: anyone who reaches this port can use the model",
                        opts.host)
-    scheduler = Scheduler(opts.max_batch_size, opts.batch_window_ms / 1000, opts.max_queue)
     engines = load_engines(args, opts, scheduler)
     app = create_app(engines, api_key, opts.max_tokens_limit, int(opts.max_request_mb * (1 << 20)))
     print(f"tunelab serve: models {', '.join(engines)} at http://{opts.host}:{opts.port}/v1", flush=True)
