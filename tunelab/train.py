@@ -5,8 +5,10 @@
     tunelab train cfg.yaml --learning_rate 1e-4      # a config file, flags override it
     tunelab eval --dataset haruhi_persona_test --checkpoint_dir runs/x --output_dir runs/x_eval
 
-Training reads top to bottom in `run_train`: check options -> model + tokenizer (tunelab/setup.py) ->
-data -> method -> the shared trainer -> outputs. Eval and predict live in tunelab/evaluate.py.
+Training reads top to bottom: `run_train` checks the output dir and the checkpoint to resume from
+(tunelab/resume.py) and records the run's status (run_status.json, tunelab/integrity.py) under the signal
+handling of tunelab/signals.py; `_train` goes model + tokenizer (tunelab/setup.py) -> data -> method -> the
+shared trainer -> outputs. Eval and predict live in tunelab/evaluate.py.
 
 Launched by `torchrun` / `accelerate launch` (tunelab/distributed.py) the same code trains data-parallel:
 HF's Trainer runs DDP, DeepSpeed (`--deepspeed examples/deepspeed/zero2.json`) or FSDP (an accelerate
