@@ -239,3 +239,35 @@ def test_train_command_with_and_without_the_cache(tiny_llama_dir, tiny_data_dir,
     assert set(weights) == set(full_weights)
     for name, value in full_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["freeze_last2", "lora_last2"])
+def test_eval_of_a_checkpoint_uses_the_cache_and_scores_as_the_full_model(tiny_llama_dir, tiny_data_dir, tmp_path,
+                                                                         monkeypatch, method):
+    """`tunelab eval` of a last-layers checkpoint runs its likelihood pass on cached layer inputs (a loaded
+    Freeze checkpoint used to keep requires_grad on every weight, so the cache never applied) with the
+    same scores as the full model."""
+    from tunelab import layer_cache
+    from tunelab.evaluate import run_eval
+    from tunelab.train import run
+
+    common = ["--model_name_or_path", str(tiny_llama_dir), "--dataset", "tiny", "--dataset_dir", str(tiny_data_dir),
+              "--bf16", "false", "--seed", "0"]
+    ckpt = tmp_path / "ckpt"
+    run(parse_args(["--do_train", *common, *METHOD_FLAGS[method], "--output_dir", str(ckpt),
+                    "--num_train_epochs", "1", "--learning_rate", "1e-2", "--save_steps", "1000"]))
+    used = []
+    real = layer_cache.cached_lower_layers
+    monkeypatch.setattr(layer_cache, "cached_lower_layers", lambda model, k, store: used.append(k) or real(model, k, store))
+
+    def scores(cache):
+        out = tmp_path / f"eval_{cache}"
+        return run_eval(parse_args(["--do_eval", *common, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
+                                    "--cache_lower_layers", str(cache).lower()]), "eval")
+
+    full = scores(False)
+    assert used == []
+    cached = scores(True)
+    assert used == [2]  # tiny llama: 4 layers, the last 2 train
+    assert cached["eval_nll"] == pytest.approx(full["eval_nll"], rel=1e-5)
+    assert cached["eval_kl"] == pytest.approx(full["eval_kl"], rel=1e-4, abs=1e-7)

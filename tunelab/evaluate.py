@@ -188,7 +188,9 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     # the base model's pass runs before the checkpoints apply
     base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device)
     loaded = apply_checkpoints(loaded)
-    model = loaded.model.to(device).eval()
+    # nothing trains here: frozen weights also let the lower-layer cache apply to every method's checkpoint
+    # (a loaded Freeze checkpoint's layers would otherwise keep requires_grad from from_pretrained)
+    model = loaded.model.to(device).eval().requires_grad_(False)
     generate = stage == "predict" or args.training.predict_with_generate
     with lower_layer_cache(model, loaded.method, args):  # the likelihood pass reuses cached lower layers;
         # generation runs them all
