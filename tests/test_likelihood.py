@@ -191,3 +191,16 @@ def test_records_and_aggregate_are_token_weighted():
                                           {"index": 7, "tokens": 4, "nll": 1.0, "kl": 0.0}]
     agg = aggregate(scores)
     assert agg == {"nll": 1.0, "perplexity": round(math.e, 4), "kl": round(0.2 / 6, 6), "likelihood_samples": 3}
+
+
+def test_rows_come_back_in_the_order_given_whatever_the_batching(setup):
+    """The pass batches rows longest first (little padding); scores and top-k come back in the order given:
+    reversed rows give reversed scores, and the per-position top-k follows its sample."""
+    model, tokenizer, rows = setup
+    scores, top = score(model, tokenizer, rows, topk=5)
+    back, back_top = score(model, tokenizer, rows[::-1], topk=5)
+    torch.testing.assert_close(back.nll_sum.flip(0), scores.nll_sum, rtol=1e-5, atol=1e-6)
+    last = back_top.select([len(rows) - 1])  # the first row given, scored last in the reversed run
+    first = top.select([0])
+    assert torch.equal(last.targets, first.targets) and torch.equal(last.ids, first.ids)
+    torch.testing.assert_close(last.logprobs, first.logprobs, rtol=1e-5, atol=1e-5)

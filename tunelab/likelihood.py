@@ -163,7 +163,21 @@ def score_rows(model, rows: list[dict], tokenizer, batch_size: int, base: BaseTo
                topk: int = 0) -> tuple[Scores, BaseTopK | None]:
     """Teacher-forced scores of `rows` ({"input_ids", "labels"}; labels -100 outside the response).
     `base`: the base model's top-k for exactly these rows, in this order -> KL too. `topk` > 0: also return
-    this model's own top-k per position (the base pass). Run it under torch.inference_mode and autocast."""
+    this model's own top-k per position (the base pass). Run it under torch.inference_mode and autocast.
+    Rows are batched longest first (little padding; an out-of-memory shows on the first batch) and the
+    results come back in the order given."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    if base is not None:
+        if len(base.tokens) != len(rows):
+            raise ValueError(_OTHER_SAMPLES)
+        base = base.select(order)
+    scores, top = _score_in_order(model, [rows[i] for i in order], tokenizer, batch_size, base, topk)
+    back = torch.argsort(torch.tensor(order, dtype=torch.long))
+    return scores.select(back), (top.select(back) if top is not None else None)
+
+
+def _score_in_order(model, rows: list[dict], tokenizer, batch_size: int, base: BaseTopK | None,
+                    topk: int) -> tuple[Scores, BaseTopK | None]:
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
