@@ -5,7 +5,7 @@
     python -m bench.serve --clients 4 --requests 32 --max-tokens 64
     python -m bench.serve --quick                # 8 requests, 16 new tokens, 6 layers (a busy machine)
 
-The server is tunelab's own app (tunelab.serve.create_app, batching with its defaults) under uvicorn on a
+The server is tunelab's own app (tunelab.serve_app.create_app, batching with its defaults) under uvicorn on a
 loopback port in this process; the clients are the official `openai` client in threads. Without --model
 the model is SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3 heads) with random weights and a small
 byte-level tokenizer (vocab ~320 instead of 49152, so the output projection is cheaper than the real one's),
@@ -95,7 +95,7 @@ def main() -> None:
     from tests.chat_helpers import serving
     from tunelab.engine import ChatEngine
     from tunelab.hparams import parse_args
-    from tunelab.serve import create_app
+    from tunelab.serve_app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         path = opts.model or str(random_model(Path(tmp), opts.layers))

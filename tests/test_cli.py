@@ -152,17 +152,33 @@ def test_help_groups_tunelab_options_by_topic_and_names_the_usual_training_flags
     assert all(f"--{name}" in out for name in helptext.COMMON_TRAINING)
 
 
-def test_help_imports_neither_transformers_nor_torch():
-    """`tunelab train --help` renders from the option dataclasses: a fresh interpreter prints it without
-    loading transformers or torch (what keeps it under a second; the figure is in bench/README.md)."""
+# what printing help must never load: each takes seconds to import (FastAPI and gradio pull in torch)
+HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "accelerate", "fastapi", "starlette", "gradio",
+                 "uvicorn", "matplotlib", "numpy", "nltk", "jieba")
+
+
+def test_no_commands_help_imports_a_heavy_module():
+    """`tunelab <command> --help` renders from the option dataclasses and parsers: a fresh interpreter prints
+    every command's help without loading torch, transformers, FastAPI, gradio, ... (what keeps each under a
+    second; the figure is in bench/README.md). One interpreter for all: a module, once loaded, stays loaded,
+    so the list after each command names the first command that loaded it."""
+    import json
     import subprocess
 
-    code = ("import sys; from tunelab import cli\n"
-            "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    code = ("import contextlib, io, json, sys; from tunelab import cli\n"
+            f"heavy, seen = {HEAVY_MODULES!r}, {{}}\n"
+            "for command in cli.COMMANDS:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n            cli.main([command, '--help'])\n        except SystemExit:\n            pass\n"
+            "    seen[command] = [out.getvalue().split('\\n')[0], sorted(m for m in heavy if m in sys.modules)]\n"
+            "print(json.dumps(seen))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "usage: tunelab train" in done.stdout
-    assert "LOADED []" in done.stdout
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert list(seen) == list(cli.COMMANDS)
+    for command, (usage, loaded) in seen.items():
+        assert usage.startswith(f"usage: tunelab {command}"), (command, usage)
+        assert loaded == [], f"tunelab {command} --help imported {loaded}"
 
 
 def test_version(capsys):

@@ -12,7 +12,8 @@ from chat_helpers import make_lora, serving, wait_for
 
 from tunelab.engine import Scheduler, to_messages
 from tunelab.hparams import parse_with
-from tunelab.serve import BASE_ID, ServeArguments, create_app, load_engines, run_name
+from tunelab.serve import BASE_ID, ServeArguments, load_engines, run_name
+from tunelab.serve_app import create_app
 
 openai = pytest.importorskip("openai")
 
@@ -85,6 +86,27 @@ def test_bad_serve_options_fail_before_loading(flag, value):
     assert check_options(ServeArguments()).max_batch == 8
     with pytest.raises(TunelabError):
         check_options(ServeArguments(**{flag: value}))
+
+
+@pytest.mark.parametrize("bad, message", [(["--max_batch_size", "0"], "max_batch"),
+                                          (["--max_tokens_limit", "0"], "--max_tokens_limit"),
+                                          (["--max_new_tokens", "0"], "--max_new_tokens"),
+                                          (["--api-kye", "x"], "did you mean api_key")])
+def test_tunelab_serve_reports_bad_options_before_loading_a_model(monkeypatch, capsys, tiny_llama_dir, bad, message):
+    """The command itself (not only check_options): a bad serve or generation option is one line, exit 2,
+    and no model is loaded for it (a loader that fails the test if called)."""
+    import tunelab.engine
+    import tunelab.model
+    from tunelab import cli
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("a model was loaded before the bad option was reported")
+
+    monkeypatch.setattr(tunelab.engine.ChatEngine, "from_args", forbidden)
+    monkeypatch.setattr(tunelab.model, "load_model_and_tokenizer", forbidden)
+    assert cli.main(["serve", "--model_name_or_path", str(tiny_llama_dir), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("tunelab serve: error:") == 1 and message in err, err
 
 
 def test_run_names():

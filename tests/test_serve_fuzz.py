@@ -17,7 +17,7 @@ from chat_helpers import serving, wait_for
 
 from tunelab.engine import ChatEngine, Scheduler
 from tunelab.hparams import parse_args
-from tunelab.serve import create_app
+from tunelab.serve_app import create_app
 
 MODEL = "tiny"
 LIMIT = 60_000

@@ -22,10 +22,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tunelab.engine import ChatEngine, history_messages, to_messages
 from tunelab.hparams import Args, _opt, listen_arguments, parse_with
 from tunelab.methods import METHOD_FILE
+
+if TYPE_CHECKING:  # the engine (transformers, torch) loads after the flags parse: `--help` stays fast
+    from tunelab.engine import ChatEngine
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class Models:
         self._lock = threading.Lock()
 
     def load(self, choice: str) -> ChatEngine:
+        from tunelab.engine import ChatEngine
+
         with self._lock:
             if choice != self.choice or self.engine is None:
                 args = copy.deepcopy(self.args)  # from_args fills in the run's template/source_prefix
@@ -130,6 +135,8 @@ def build_demo(models: Models, runs_dir: str | Path, initial: str = BASE_CHOICE)
 
 def _respond(engine: ChatEngine, text: str, past: list, max_new_tokens: int, temperature: float, top_p: float):
     """Stream one answer: yields (cleared textbox, history, chatbot messages) as pieces arrive."""
+    from tunelab.engine import history_messages, to_messages
+
     query = (text or "").strip()
     if not query:
         yield "", past, history_messages(past)
