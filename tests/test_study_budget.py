@@ -135,7 +135,7 @@ def test_the_description_names_the_sizes_and_the_estimate():
               "sizes": {"train": 27, "eval": {"persona": 20, "general": 40}, "generate": {"persona": 7, "general": 7}}}
     assert bud.describe(record, "quick") == (
         "Sized by --budget 30m on this machine (fp32 peak 107 GFLOP/s, an expected 40% MFU): 0.42 x the quick "
-        "scale: train 27 samples per data set, eval persona 20 / general 40 samples, 7 per set generated; "
+        "scale: train 27 samples per data set, eval persona 20 / general 40 samples, 7 generated per set; "
         "estimated 28 min.")
 
 
@@ -216,6 +216,8 @@ def test_cli_budget_refusals_are_one_line(tmp_path, tiny_llama_dir, monkeypatch)
     spec, out = _write_spec(tmp_path, tiny_llama_dir), tmp_path / "study"
     with pytest.raises(TunelabError, match="one row needs up to .* \\(rows/r0"):
         main([str(spec), "--output_dir", str(out), "--budget", "1s", "--dry_run"])
+    with pytest.raises(TunelabError, match="the 2 rows"):  # --rows: the rows run now (and the base row)
+        main([str(spec), "--output_dir", str(out), "--budget", "1s", "--rows", "2", "--dry_run"])
     with pytest.raises(TunelabError, match="30m, 45min"):
         main([str(spec), "--budget", "30", "--dry_run"])
     assert main([str(spec), "--output_dir", str(out)]) == 0  # a study without --budget ...

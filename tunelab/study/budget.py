@@ -179,14 +179,13 @@ def too_small(budget_seconds: float, at_floor: Estimate) -> str:
 
 def describe_sizes(chosen: dict[str, Any]) -> str:
     """'train 27 samples per data set, eval persona 20 / general 40 samples, 7 generated per set'."""
-    def per_set(values: dict[str, int | None]) -> str:
-        if len(set(values.values())) == 1:
-            return f"{_count(next(iter(values.values())))} per set"
-        return " / ".join(f"{k} {_count(v)}" for k, v in values.items())
-
     evals = " / ".join(f"{k} {_count(v)}" for k, v in chosen["eval"].items())
-    return (f"train {_count(chosen['train'])} samples per data set, eval {evals} samples, "
-            f"{per_set(chosen['generate'])} generated")
+    generate = chosen["generate"]
+    if len(set(generate.values())) == 1:
+        generated = f"{_count(next(iter(generate.values())))} generated per set"
+    else:
+        generated = "generated " + " / ".join(f"{k} {_count(v)}" for k, v in generate.items())
+    return f"train {_count(chosen['train'])} samples per data set, eval {evals} samples, {generated}"
 
 
 def _count(value: int | None) -> str:
@@ -198,5 +197,9 @@ def describe(record: dict[str, Any], scale: str | None) -> str:
     base = f"the {scale} scale" if scale else "the spec"
     factor = f"{base} as it is" if record["factor"] >= 1.0 else f"{record['factor']:.2f} x {base}"
     return (f"Sized by --budget {duration_label(record['seconds'])} on this machine ({record['precision']} peak "
-            f"{record['peak_gflops']:.0f} GFLOP/s, an expected {EXPECTED_MFU:.0%} MFU): {factor}: "
+            f"{_gflops(record['peak_gflops'])} GFLOP/s, an expected {EXPECTED_MFU:.0%} MFU): {factor}: "
             f"{describe_sizes(record['sizes'])}; estimated {format_duration(record['estimated_seconds'])}.")
+
+
+def _gflops(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"

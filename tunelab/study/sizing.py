@@ -77,7 +77,7 @@ def fit_sizes(settled, seconds: int, study_dir: Path, row_ids: list[int] | None,
     planner = Planner(settled, study_dir, row_ids, devices, shape, tokenizer, peak)
     factor, estimate = fit(planner, seconds, floor_factor(planner.full))
     return {"seconds": seconds, "factor": round(factor, 4), "estimated_seconds": round(estimate.seconds, 1),
-            "peak_gflops": round(peak, 1), "precision": precision, "devices": devices,
+            "peak_gflops": peak, "precision": precision, "devices": devices,
             "expected_mfu": EXPECTED_MFU, "stage_overhead_s": STAGE_OVERHEAD_S, "sizes": shrink(planner.full, factor)}
 
 
