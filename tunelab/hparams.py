@@ -228,7 +228,6 @@ def _keep_str_or_bool_fields(parser: HfArgumentParser) -> HfArgumentParser:
     a boolean. Such fields get a type that reads yes/no words as booleans and keeps any other word as the
     string; TrainingArguments checks the value. Remove when HfArgumentParser keeps str in such unions."""
     import argparse
-    import typing
 
     from transformers.hf_argparser import string_to_bool
 
@@ -238,12 +237,21 @@ def _keep_str_or_bool_fields(parser: HfArgumentParser) -> HfArgumentParser:
         except argparse.ArgumentTypeError:
             return value
 
-    unions = {f.name for group in groups() for f in fields(group)
-              if {str, bool} <= set(typing.get_args(typing.get_type_hints(group).get(f.name)))}
+    unions = _str_or_bool_fields()
     for action in parser._actions:
         if action.dest in unions:
             action.type = str_or_bool
     return parser
+
+
+@functools.cache
+def _str_or_bool_fields() -> frozenset[str]:
+    """The `str | bool` fields of the option groups (once per process: resolving the type hints of every
+    field takes most of a parse, and a study parses every stage's options several times)."""
+    import typing
+
+    return frozenset(f.name for group in groups() for f in fields(group)
+                     if {str, bool} <= set(typing.get_args(typing.get_type_hints(group).get(f.name))))
 
 
 def listen_arguments(default_port: int) -> type:

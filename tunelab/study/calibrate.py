@@ -101,8 +101,8 @@ def _key(cfg: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in STRIP}, sort_keys=True, default=str)
 
 
-def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int, Any]:
-    """(tokens over all epochs, optimizer steps, parsed args) of a training stage's data."""
+def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int]:
+    """(tokens over all epochs, optimizer steps) of a training stage's data."""
     from tunelab.hparams import parse_args
     from tunelab.preprocess import build_dataset
 
@@ -112,9 +112,31 @@ def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int, Any]:
     t = args.training
     steps_per_epoch = train_steps(len(rows), t.per_device_train_batch_size * t.gradient_accumulation_steps, 1)
     if t.max_steps and t.max_steps > 0:  # a step budget instead of epochs
-        return per_epoch * t.max_steps / max(steps_per_epoch, 1), t.max_steps, args
+        return per_epoch * t.max_steps / max(steps_per_epoch, 1), t.max_steps
     return per_epoch * t.num_train_epochs, train_steps(len(rows), t.per_device_train_batch_size
-                                                       * t.gradient_accumulation_steps, t.num_train_epochs), args
+                                                       * t.gradient_accumulation_steps, t.num_train_epochs)
+
+
+def finetune_args(cfg: dict[str, Any], _tokenizer=None):
+    """The method options of a stage (FinetuningArguments), parsed from its method keys alone."""
+    from tunelab.hparams import parse_args
+
+    return parse_args(config=_method_options(cfg)).finetune
+
+
+def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import fields
+
+    from tunelab.hparams import FinetuningArguments
+
+    return {k: v for k, v in cfg.items() if k in {f.name for f in fields(FinetuningArguments)}}
+
+
+def _data_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stage's options less its method's: what its token counts and step count depend on, so rows
+    that differ only in method share one tokenization."""
+    method = _method_options(cfg)
+    return {k: v for k, v in cfg.items() if k not in method}
 
 
 def eval_tokens(cfg: dict[str, Any], tokenizer) -> EvalTokens:
@@ -132,9 +154,11 @@ def eval_tokens(cfg: dict[str, Any], tokenizer) -> EvalTokens:
                       max_new_tokens=args.generation.max_new_tokens)
 
 
-def plan_rows(plans, shape: ModelShape, tokenizer) -> dict[str, dict[str, Any]]:
-    """{row dir: {"train_tokens", "flops": {train, scoring, generation}}} for every plan."""
-    cache: dict[str, Any] = {}
+def plan_rows(plans, shape: ModelShape, tokenizer, cache: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{row dir: {"train_tokens", "flops": {train, scoring, generation}}} for every plan. Token counts are
+    computed once per distinct data config; pass the same `cache` dict to reuse them across calls (the
+    --budget fit plans the grid at several sizes, tunelab/study/sizing.py)."""
+    cache = {} if cache is None else cache
 
     def cached(fn, cfg):
         key = fn.__name__ + _key(cfg)
@@ -146,21 +170,21 @@ def plan_rows(plans, shape: ModelShape, tokenizer) -> dict[str, dict[str, Any]]:
     for plan in plans:
         tokens, lowest, trainable, points = None, 0, 0, 0
         if plan.train:
-            tokens, steps, args = cached(train_tokens, plan.train)
-            lowest, trainable = _planned_trainable(args, shape)
+            tokens, steps = cached(train_tokens, _data_options(plan.train))
+            lowest, trainable = _planned_trainable(cached(finetune_args, _method_options(plan.train)), shape)
             points = max(steps - 1, 0) // plan.eval_every if plan.eval_every else 0
-        evals = [(cached(eval_tokens, cfg), bool(cfg.get("predict_with_generate"))) for cfg in plan.evals.values()]
+        evals = [(cached(eval_tokens, _data_options(cfg)), bool(cfg.get("predict_with_generate")))
+                 for cfg in plan.evals.values()]
         out[plan.dir] = {"train_tokens": tokens,
                          "flops": planned_row_flops(shape, tokens, lowest, trainable, evals, points)}
     return out
 
 
-def _planned_trainable(args, shape: ModelShape) -> tuple[int, int]:
-    """(lowest trainable layer, trainable parameters) expected from a row's options, before it trains:
-    Freeze and full count whole layers (an upper bound), LoRA and P-Tuning v2 add few parameters (0)."""
+def _planned_trainable(f, shape: ModelShape) -> tuple[int, int]:
+    """(lowest trainable layer, trainable parameters) expected from a row's method options, before it
+    trains: Freeze and full count whole layers (an upper bound), LoRA and P-Tuning v2 add few parameters (0)."""
     from tunelab.targets import freeze_layers, parse_layer_spec
 
-    f = args.finetune
     n = len(shape.layers)
     if f.finetuning_type in ("full", "p_tuning"):
         return 0, shape.body if f.finetuning_type == "full" else 0

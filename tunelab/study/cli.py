@@ -4,11 +4,13 @@
                             [--rows 0,1,5] [--set option=value ...] [--dry_run]
     tunelab study SPEC.yaml --executor slurm --partition gpu --rows_per_gpu 3 --time 4:00:00
     tunelab study SPEC.yaml --executor ray [--ray_address auto] [--gpus_per_row 1]
+    tunelab study SPEC.yaml --budget 30m     # the scale shrunk to fit 30 min on this machine
     tunelab study STUDY_DIR                  # resume it with its own spec.yaml and scale
     tunelab study STUDY_DIR --report_only    # rebuild report.md / report.html / results.csv
 
 The study dir defaults to runs/<name> for the spec's default scale and runs/<name>_<scale> for another
-scale, so a quick and a full study never mix. Exit code 0 when every row is done, 1 when some failed.
+scale, so a quick and a full study never mix (and runs/<name>[_<scale>]_budget30m for --budget 30m: the
+sizes it chose are in plan.json and the report, and a resumed study keeps them; tunelab/study/sizing.py). Exit code 0 when every row is done, 1 when some failed.
 Executors (tunelab/study/executors.py) write the same row dirs, so any of them resumes any study.
 """
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="OPTION=VALUE",
                    help="an option for every stage of every row, e.g. --set model_name_or_path=/models/x "
                         "or --set target_match=legacy (repeatable)")
+    p.add_argument("--budget", help="fit the scale's sample counts to this time on this machine (30m, 45min, 1h, "
+                                    "1h30m, 90s): the sizes chosen are printed and recorded in the report")
     p.add_argument("--dry_run", action="store_true", help="print the expanded plan and exit")
     p.add_argument("--report_only", action="store_true", help="only rebuild the report of a study dir")
     executors.add_arguments(p)
@@ -67,6 +71,7 @@ def _parse_ids(text: str) -> list[int]:
 
 def load(ns: argparse.Namespace):
     """(spec, spec text, scale, study dir, overrides) from a spec file or a study dir."""
+    from tunelab.study.budget import duration_label, parse_duration
     from tunelab.study.spec import load_spec
 
     path = Path(ns.spec)
@@ -84,6 +89,7 @@ def load(ns: argparse.Namespace):
     scale = scale or spec.default_scale
     if study_dir is None:
         suffix = "" if scale in (None, spec.default_scale) else f"_{scale}"
+        suffix += f"_budget{duration_label(parse_duration(ns.budget))}" if ns.budget else ""
         study_dir = Path(ns.output_dir or spec.output_dir or f"runs/{spec.name}{suffix}")
     elif ns.output_dir:
         study_dir = Path(ns.output_dir)
@@ -137,13 +143,17 @@ def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     if ns.report_only:
         return _report(Path(ns.spec))
-    from tunelab.study import runner
+    from tunelab.study import runner, sizing
     from tunelab.study.results import check_measures
     from tunelab.study.spec import eval_roles, expand, override_shared, select_rows
 
     spec, text, scale, study_dir, overrides = load(ns)
     spec = override_shared(spec, overrides) if overrides else spec
-    all_plans = expand(spec, scale, study_dir)  # plan.json and the report cover every row, run now or not
+    recorded = read_plan(study_dir) if ns.budget or Path(ns.spec).is_dir() else {}
+    devices = len({d.strip() for d in ns.devices.split(",")}) if ns.devices else 1
+    sized, at_scale, budget = sizing.resolve(ns.budget, spec, scale, study_dir, recorded,
+                                             _parse_ids(ns.rows) if ns.rows else None, devices, ns.executor)
+    all_plans = expand(sized, at_scale, study_dir)  # plan.json and the report cover every row, run now or not
     plans = select_rows(all_plans, _parse_ids(ns.rows)) if ns.rows else all_plans
     validate_plans(plans)
     executor = executors.from_args(ns, study_dir)  # bad executor options fail before anything runs
@@ -152,7 +162,7 @@ def main(argv: list[str]) -> int:
         return 0
     runner.check_resumable(all_plans, study_dir)  # before plan.json of an earlier study is overwritten
     check_measures(study_dir, [p.dir for p in all_plans], eval_roles(spec), spec.decide_on)
-    runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides), text if Path(ns.spec).is_file() else None)
+    runner.write_plan(study_dir, all_plans, _meta(spec, scale, overrides, budget), text if Path(ns.spec).is_file() else None)
     try:
         records = runner.run_study(plans, study_dir, executor=executor)
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (tunelab/signals.py): the running row is marked
@@ -166,15 +176,18 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _meta(spec, scale: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """What plan.json records besides the rows: enough to resume (scale, --set) and to title the report."""
+def _meta(spec, scale: str | None, overrides: dict[str, Any], budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What plan.json records besides the rows: enough to resume (scale, --set, --budget's sizes) and to
+    title the report."""
+    from tunelab.study.budget import describe
     from tunelab.study.spec import eval_roles
 
+    description = (spec.scales.get(scale) or {}).get("description", "") if scale else ""
     return {"name": spec.name, "description": spec.description, "scale": scale,
-            "scale_description": (spec.scales.get(scale) or {}).get("description", "") if scale else "",
+            "scale_description": describe(budget, scale) if budget else description,
             "eval_sets": eval_roles(spec), "set": overrides, "decide_on": spec.decide_on,
             "model": spec.shared.get("model_name_or_path") or "default (SmolLM2-135M-Instruct)",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"budget": budget} if budget else {})}
 
 
 def _write_report(study_dir: Path) -> dict[str, Path]:
