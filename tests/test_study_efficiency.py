@@ -52,10 +52,10 @@ def test_planned_row_flops_and_train_steps():
 def test_eta_before_and_after_rows_finish():
     budget = Budget({"rows/a": 1e12, "rows/b": 2e12}, peak_gflops=100, precision="fp32")
     line = budget.start_line(["rows/a", "rows/b"])
-    # 3e12 FLOP at 30% of 1e11 FLOP/s = 100 s
-    assert line == ("planned ≈ 3.0 TFLOP; this machine's peak 100 GFLOP/s (fp32); ETA ≈ 2 min "
-                    "(at an assumed 30% MFU)")
-    assert eff.eta_seconds(3e12, 1e11, eff.ASSUMED_MFU) == pytest.approx(100)
+    # 3e12 FLOP at 40% of 1e11 FLOP/s = 75 s
+    assert line == ("planned ≈ 3.0 TFLOP; this machine's peak 100 GFLOP/s (fp32); ETA ≈ 1 min "
+                    "(at an assumed 40% MFU)")
+    assert eff.eta_seconds(3e12, 1e11, eff.ASSUMED_MFU) == pytest.approx(75)
     budget.finished("rows/a")  # row a took 20 s: 1e12 / (20 x 1e11) = 50% of the peak
     left, mfu = budget.eta(["rows/a", "rows/b"], elapsed=20)
     assert mfu == pytest.approx(0.5) and left == pytest.approx(40)
@@ -121,9 +121,9 @@ def test_the_study_states_its_planned_cost_at_the_start_and_mfu_per_row(tmp_path
     _, plans = tiny_plans(tmp_path)
     lines = []
     run_study(plans, tmp_path, run_fn=fake_run, log=lines.append, calibrate=fake_calibrate)
-    # 2e11 for the base row + 3 x 5e11 = 1.7e12 FLOP at 30% of 50 GFLOP/s = 113 s
-    assert lines[1] == ("planned ≈ 1.7 TFLOP; this machine's peak 50 GFLOP/s (fp32); ETA ≈ 2 min "
-                        "(at an assumed 30% MFU)")
+    # 2e11 for the base row + 3 x 5e11 = 1.7e12 FLOP at 40% of 50 GFLOP/s = 85 s
+    assert lines[1] == ("planned ≈ 1.7 TFLOP; this machine's peak 50 GFLOP/s (fp32); ETA ≈ 1 min "
+                        "(at an assumed 40% MFU)")
     rows = [line for line in lines if line.startswith("[")]
     assert all("study MFU" in line and "ETA" in line for line in rows)
     data = json.loads((tmp_path / eff.EFFICIENCY_FILE).read_text())

@@ -23,13 +23,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.study.efficiency import ASSUMED_MFU
 
 FLOORS = {"train": 16, "eval": 16, "generate": 4}
-# Study-level figures measured on whole quick studies (model FLOPs / wall time, and the time a stage
-# spends loading the model, tokenizing and writing results). Provisional values: update them from
-# measurements on both CPU classes (README "Study efficiency").
-EXPECTED_MFU = 0.4
-STAGE_OVERHEAD_S = 8.0
+# Study-level figures, measured on a whole quick study (2026-11-30, `bash scripts/run_main.sh`, 2-core AMD EPYC,
+# AVX-512 BF16 class, bf16): model FLOPs / (wall time x measured peak) = 41% (efficiency.ASSUMED_MFU, the
+# progress view's first ETA uses the same figure); a stage's time beyond its own runtime (model load,
+# tokenizing, writing results) 0.3-1.2 s, so 2 s per stage leaves a margin.
+EXPECTED_MFU = ASSUMED_MFU
+STAGE_OVERHEAD_S = 2.0
 FIT_STEPS = 6  # bisection steps after the two ends: the factor to within (1 - floor) / 64
 DURATION_FORMS = "30m, 45min, 1h, 1h30m or 90s"
 _DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)(?:min|m))?(?:(?P<s>\d+)s)?$")
