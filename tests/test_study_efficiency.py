@@ -49,6 +49,20 @@ def test_planned_row_flops_and_train_steps():
     assert eff.train_steps(61, 8, 2) == 16 and eff.train_steps(10, 4, 1.5) == 5
 
 
+def test_lower_layer_cache_plans_the_lower_layers_once():
+    """Freeze of the last layer (k = 3, lower layers 30 of the body's 42): training runs them over one epoch
+    instead of two, and not at all when an earlier row cached that data; likelihood passes likewise;
+    generation runs every layer."""
+    tokens = EvalTokens(samples=4, scored=200, reference=80, prompt=120, generated_samples=2, max_new_tokens=10)
+    full = eff.planned_row_flops(SHAPE, 1000, 3, 10, [(tokens, True)])
+    first = eff.with_lower_layer_cache(full, SHAPE, 3, (1000, 2.0, True), [(tokens, True)])
+    assert first["train"] == full["train"] - 2 * 500 * 30  # lower layers over one epoch of 500 tokens
+    assert first["scoring"] == full["scoring"] and first["generation"] == full["generation"]
+    later = eff.with_lower_layer_cache(full, SHAPE, 3, (1000, 2.0, False), [(tokens, False)])
+    assert later["train"] == 2 * 1000 * (12 + 12 + 10)  # only layers >= 3, forward and backward
+    assert later["scoring"] == 2 * (12 * 200 + 5 * 80) and later["generation"] == full["generation"]
+
+
 def test_eta_before_and_after_rows_finish():
     budget = Budget({"rows/a": 1e12, "rows/b": 2e12}, peak_gflops=100, precision="fp32")
     line = budget.start_line(["rows/a", "rows/b"])

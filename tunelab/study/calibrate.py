@@ -17,7 +17,8 @@ import statistics
 import time
 from typing import Any
 
-from tunelab.study.efficiency import EvalTokens, ModelShape, lowest_trainable_layer, planned_row_flops, train_steps
+from tunelab.study.efficiency import (EvalTokens, ModelShape, lowest_trainable_layer, planned_row_flops, train_steps,
+                                      with_lower_layer_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +167,37 @@ def plan_rows(plans, shape: ModelShape, tokenizer, cache: dict[str, Any] | None 
             cache[key] = fn(cfg, tokenizer)
         return cache[key]
 
-    out = {}
+    out, seen = {}, set()  # seen: (data, k) whose layer-k inputs an earlier row caches
     for plan in plans:
-        tokens, lowest, trainable, points = None, 0, 0, 0
+        tokens, lowest, trainable, points, ft = None, 0, 0, 0, None
         if plan.train:
             tokens, steps = cached(train_tokens, _data_options(plan.train))
-            lowest, trainable = _planned_trainable(cached(finetune_args, _method_options(plan.train)), shape)
+            ft = cached(finetune_args, _method_options(plan.train))
+            lowest, trainable = _planned_trainable(ft, shape)
             points = max(steps - 1, 0) // plan.eval_every if plan.eval_every else 0
         evals = [(cached(eval_tokens, _data_options(cfg)), bool(cfg.get("predict_with_generate")))
                  for cfg in plan.evals.values()]
-        out[plan.dir] = {"train_tokens": tokens,
-                         "flops": planned_row_flops(shape, tokens, lowest, trainable, evals, points)}
+        flops = planned_row_flops(shape, tokens, lowest, trainable, evals, points)
+        if ft is not None and _lower_layers_cached(ft, lowest, plan.train):
+            keys = [("train", _key(_data_options(plan.train)), lowest)]
+            keys += [("eval", _key(_data_options(cfg)), lowest) for cfg in plan.evals.values()]
+            first = [key not in seen for key in keys]
+            seen.update(keys)
+            epochs = float(plan.train.get("num_train_epochs", 3.0))
+            flops = with_lower_layer_cache(flops, shape, lowest, (tokens, epochs, first[0]),
+                                           [(t, f) for (t, _), f in zip(evals, first[1:])], points)
+        out[plan.dir] = {"train_tokens": tokens, "flops": flops}
     return out
+
+
+def _lower_layers_cached(ft, lowest: int, train: dict[str, Any]) -> bool:
+    """Whether the row's training and likelihood passes run on cached layer-`lowest` inputs (layer_cache.py:
+    LoRA/Freeze above layer 0, the cache on, no step budget that would make epochs meaningless here)."""
+    from tunelab.layer_cache import CACHED_METHODS
+
+    steps = train.get("max_steps")
+    return (ft.finetuning_type in CACHED_METHODS and lowest > 0 and ft.cache_lower_layers
+            and not (steps and int(steps) > 0) and not train.get("torch_compile"))
 
 
 def _planned_trainable(f, shape: ModelShape) -> tuple[int, int]:

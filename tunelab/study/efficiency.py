@@ -125,6 +125,22 @@ def planned_row_flops(shape: ModelShape, train_tokens: float | None, lowest_laye
     return out
 
 
+def with_lower_layer_cache(flops: dict[str, float], shape: ModelShape, k: int, train: tuple[float, float, bool],
+                           evals: list[tuple[EvalTokens, bool]], trajectory_points: int = 0) -> dict[str, float]:
+    """A row's planned FLOPs when tunelab/layer_cache.py serves the inputs of layer k (LoRA/Freeze on layers
+    >= k): layers 0..k-1 run once over the training data (not every epoch) and not at all for data an
+    earlier row of the study already cached; the likelihood passes likewise. Generation runs every layer.
+    train = (tokens over all epochs, epochs, whether this row computes the lower layers itself);
+    evals = [(eval set tokens, whether this row computes their lower layers itself)]."""
+    lower = shape.body - shape.active(k)
+    tokens, epochs, first = train
+    out = dict(flops)
+    out["train"] -= 2.0 * tokens * lower * (1.0 - (1.0 / max(epochs, 1.0) if first else 0.0))
+    for set_tokens, first_set in evals:
+        out["scoring"] -= 2.0 * set_tokens.scored * lower * (1 + trajectory_points - (1 if first_set else 0))
+    return out
+
+
 def train_steps(samples: int, batch: int, epochs: float) -> int:
     """Optimizer steps of a training run (the Trainer rounds each epoch up, then scales fractional epochs)."""
     per_epoch = math.ceil(samples / max(batch, 1))
