@@ -13,11 +13,12 @@ named), greedy decoding, the same max_new_tokens, eval batch size and cutoff (tu
 same precision (`--precision auto`: bf16 where tunelab picks it, i.e. CPUs with fast bf16, else fp32).
 
 Each side is one subprocess as a user runs it: `python -m tunelab predict ...` (the console entry, under
-its allocator) and `llamafactory-cli train <config.json>` with `stage: sft, do_predict: true,
+its allocator) and `llamafactory-cli train <config.yaml>` with `stage: sft, do_predict: true,
 predict_with_generate: true` in LLaMA-Factory's own virtual env (bench/README.md: how to install it).
 Timed end to end, process start to exit (imports and model load included); the model-only time is what
-each tool reports in predict_results.json (`predict_runtime`; tunelab also splits it into its loss pass
-and generation). With `--repeats R` the sides alternate R times and the table prints medians. Without
+each tool reports in predict_results.json (`parse_results`; tunelab also splits it into its loss pass and
+generation). Both start cold: LLaMA-Factory re-tokenizes (`overwrite_cache`), and tunelab gets an empty
+$TUNELAB_CACHE per run, so it tokenizes and runs the base model's loss pass as on a first run. With `--repeats R` the sides alternate R times and the table prints medians. Without
 LLaMA-Factory (no --llamafactory-python, $LLAMAFACTORY_PYTHON or llamafactory-cli on PATH) tunelab runs
 alone. Raw results: runs/bench/predict-<time>.json.
 """
@@ -33,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench.common import DEFAULT_OUT, REPO, machine, median, write_json
 
@@ -71,13 +74,17 @@ def tunelab_command(cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> list[
 
 def llamafactory_config(cfg: dict[str, Any], data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """LLaMA-Factory's predict_with_generate on the same rows and weights: no adapter (it loads the base
-    model), no template named (it parses the tokenizer's chat template), greedy, no cache of the data."""
+    model), no template named (it parses the tokenizer's chat template), greedy, no cache of the data, the
+    precision's dtype for the weights (LLaMA-Factory casts them; tunelab keeps fp32 weights under autocast)."""
     return {"model_name_or_path": cfg["model"], "stage": "sft", "do_predict": True, "predict_with_generate": True,
             "finetuning_type": "lora", "eval_dataset": DATASET, "dataset_dir": str(data_dir),
             "cutoff_len": cfg["cutoff"], "overwrite_cache": True,
             "per_device_eval_batch_size": cfg["batch"], "max_new_tokens": cfg["max_new_tokens"],
             "do_sample": False, "bf16": cfg["precision"] == "bf16", "output_dir": str(out_dir),
-            "overwrite_output_dir": True, "report_to": "none", "seed": 0, "dataloader_num_workers": 0}
+            # the weights' dtype: bf16 comes from `bf16`; without it LF picks bf16 on a GPU, so say fp32
+            "infer_dtype": "bfloat16" if cfg["precision"] == "bf16" else "float32",
+            "overwrite_output_dir": True, "report_to": "none", "seed": 0, "dataloader_num_workers": 0,
+            "use_cpu": cfg["cpu"]}  # transformers refuses bf16 without a GPU unless told it is on the CPU
 
 
 def llamafactory_command(python: str, config_path: Path) -> list[str]:
@@ -111,14 +118,18 @@ def read_answers(out_dir: Path) -> list[str]:
 
 
 def parse_results(side: str, out_dir: Path) -> dict[str, Any]:
-    """The model-only times a side reports in predict_results.json (seconds; None where it has none):
-    model_s = predict_runtime (data set prepared and model loaded; tunelab: loss pass + generation + metrics,
-    LLaMA-Factory: Trainer.predict's generation loop + metrics); tunelab alone splits it."""
+    """The model-only times a side reports in predict_results.json (seconds; None where it has none), i.e.
+    after the data set is prepared and the model loaded. LLaMA-Factory: model_s = predict_runtime
+    (Trainer.predict: generation + BLEU/ROUGE). tunelab: model_s = base_pass_runtime (the base model's loss
+    pass, which for a base model is the loss pass) + predict_runtime (the tuned model's loss pass, generation,
+    BLEU/ROUGE), split into loss_pass_s and generation_s."""
     path = out_dir / "predict_results.json"
     res = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     parsed = {"model_s": res.get("predict_runtime"), "answers": read_answers(out_dir)}
-    if side == "tunelab":
-        parsed.update(loss_pass_s=res.get("predict_scoring_runtime"),
+    if side == "tunelab" and res:
+        base = res.get("predict_base_pass_runtime", 0.0)
+        parsed.update(model_s=base + res["predict_runtime"],
+                      loss_pass_s=base + res.get("predict_scoring_runtime", 0.0),
                       generation_s=res.get("predict_generation_runtime"),
                       new_tokens=res.get("predict_tokens_generated"))
     return parsed
@@ -215,11 +226,15 @@ def side_runs(cfg: dict[str, Any], lf: tuple[str, str] | None, data_dir: Path, r
     lf_env = {k: v for k, v in base_env.items() if k != "PYTHONPATH"} | LF_ENV
     for rep in range(repeats):
         out = run_dir / f"tunelab-{rep}"
-        yield "tunelab", tunelab_command(cfg, data_dir, out), base_env, out
+        # a fresh cache: tunelab tokenizes and runs the base model's loss pass as on a first run, as LF
+        # (overwrite_cache) does every time; a warm cache would skip that pass on a base model
+        env = {**base_env, "TUNELAB_CACHE": str(run_dir / f"tunelab-{rep}-cache")}
+        yield "tunelab", tunelab_command(cfg, data_dir, out), env, out
         if lf is not None:
             out = run_dir / f"llamafactory-{rep}"
-            config = out.parent / f"llamafactory-{rep}.json"
-            config.write_text(json.dumps(llamafactory_config(cfg, data_dir, out), indent=2), encoding="utf-8")
+            config = out.parent / f"llamafactory-{rep}.yaml"  # YAML: 0.9.5 fails to read a .json config
+            config.write_text(yaml.safe_dump(llamafactory_config(cfg, data_dir, out), sort_keys=False),
+                              encoding="utf-8")
             yield "llamafactory", llamafactory_command(lf[0], config), lf_env, out
 
 
@@ -243,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(emulation_env(args.emulate))
     if args.quick:
         args.samples, args.max_new_tokens = min(args.samples, 4), min(args.max_new_tokens, 8)
+    import torch
+
     from tunelab.model import resolve_model_path
 
     cfg = {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "batch": args.batch,
            "cutoff": args.cutoff, "precision": resolve_precision(args.precision),
-           "model": str(resolve_model_path(None))}
+           "model": str(resolve_model_path(None)), "cpu": not torch.cuda.is_available()}
     lf = None if args.no_llamafactory else find_llamafactory(args.llamafactory_python)
     print(f"LLaMA-Factory {lf[1]} ({lf[0]})" if lf else
           "LLaMA-Factory is not installed (see bench/README.md; --llamafactory-python): tunelab runs alone")

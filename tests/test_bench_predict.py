@@ -7,12 +7,14 @@ import stat
 import sys
 
 import pytest
+import yaml
 
 from bench import predict
 from tunelab.data import load_examples
 from tunelab.hparams import parse_args
 
-CFG = {"samples": 3, "max_new_tokens": 16, "batch": 4, "cutoff": 200, "precision": "fp32", "model": "/m"}
+CFG = {"samples": 3, "max_new_tokens": 16, "batch": 4, "cutoff": 200, "precision": "fp32", "model": "/m",
+       "cpu": True}
 
 
 def test_write_prompts_is_the_first_rows_and_tunelab_reads_it(tmp_path):
@@ -50,19 +52,19 @@ def test_llamafactory_config_matches_the_tunelab_side(tmp_path, precision):
     assert config["eval_dataset"] == predict.DATASET and config["dataset_dir"] == str(tmp_path / "data")
     assert (config["cutoff_len"], config["max_new_tokens"], config["per_device_eval_batch_size"]) == (200, 16, 4)
     assert config["do_sample"] is False and config["bf16"] is (precision == "bf16")
-    assert config["model_name_or_path"] == "/m" and "template" not in config  # parsed from the tokenizer
-    assert json.loads(json.dumps(config)) == config  # written as the config file llamafactory-cli reads
+    assert config["infer_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    assert config["use_cpu"] is True and config["model_name_or_path"] == "/m" and "template" not in config  # parsed from the tokenizer
 
 
 def test_llamafactory_command_prefers_the_envs_cli(tmp_path):
     python = tmp_path / "bin" / "python"
     python.parent.mkdir()
     python.touch()
-    assert predict.llamafactory_command(str(python), tmp_path / "c.json") == [
-        str(python), "-m", "llamafactory.cli", "train", str(tmp_path / "c.json")]
+    assert predict.llamafactory_command(str(python), tmp_path / "c.yaml") == [
+        str(python), "-m", "llamafactory.cli", "train", str(tmp_path / "c.yaml")]
     (python.parent / "llamafactory-cli").touch()
-    assert predict.llamafactory_command(str(python), tmp_path / "c.json") == [
-        str(python.parent / "llamafactory-cli"), "train", str(tmp_path / "c.json")]
+    assert predict.llamafactory_command(str(python), tmp_path / "c.yaml") == [
+        str(python.parent / "llamafactory-cli"), "train", str(tmp_path / "c.yaml")]
 
 
 def _script(path, body):
@@ -99,11 +101,12 @@ def _write_outputs(out, results, answers):
 
 
 def test_parse_results_of_each_side(tmp_path):
-    _write_outputs(tmp_path / "t", {"predict_runtime": 12.5, "predict_scoring_runtime": 4.0,
-                                    "predict_generation_runtime": 8.0, "predict_tokens_generated": 40}, ["a", "b"])
+    _write_outputs(tmp_path / "t", {"predict_runtime": 12.5, "predict_scoring_runtime": 0.5,
+                                    "predict_generation_runtime": 8.0, "predict_tokens_generated": 40,
+                                    "predict_base_pass_runtime": 3.5}, ["a", "b"])
     _write_outputs(tmp_path / "l", {"predict_runtime": 9.25, "predict_samples_per_second": 0.2}, ["a", "c"])
     assert predict.parse_results("tunelab", tmp_path / "t") == {
-        "model_s": 12.5, "answers": ["a", "b"], "loss_pass_s": 4.0, "generation_s": 8.0, "new_tokens": 40}
+        "model_s": 16.0, "answers": ["a", "b"], "loss_pass_s": 4.0, "generation_s": 8.0, "new_tokens": 40}
     assert predict.parse_results("llamafactory", tmp_path / "l") == {"model_s": 9.25, "answers": ["a", "c"]}
     assert predict.parse_results("llamafactory", tmp_path / "missing") == {"model_s": None, "answers": []}
 
@@ -140,7 +143,7 @@ def test_summarize_takes_medians_of_successful_runs_and_the_ratio():
 
 def test_without_llamafactory_only_tunelab_runs_and_no_ratio_is_printed(tmp_path):
     runs = list(predict.side_runs(CFG, None, tmp_path / "data", tmp_path, repeats=2))
-    assert [r[0] for r in runs] == ["tunelab", "tunelab"] and not list(tmp_path.glob("*.json"))
+    assert [r[0] for r in runs] == ["tunelab", "tunelab"] and not list(tmp_path.glob("*.yaml"))
     table = predict.summarize([_run("tunelab", 10.0, None)])
     assert predict.ratio(table) is None and predict.same_answers([_run("tunelab", 10.0, None)]) is None
     info = {"date": "d", "cpu": "c", "cpu_class": "AVX2", "cores": 2, "torch": "t"}
@@ -154,7 +157,9 @@ def test_with_llamafactory_the_sides_alternate_and_its_config_is_written(tmp_pat
     assert [r[0] for r in runs] == ["tunelab", "llamafactory"] * 2
     side, cmd, env, out = runs[1]
     assert "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
-    assert json.loads((tmp_path / "llamafactory-0.json").read_text()) == predict.llamafactory_config(
+    caches = [r[2]["TUNELAB_CACHE"] for r in runs if r[0] == "tunelab"]  # each tunelab run starts cold
+    assert len(set(caches)) == 2 and all(c.startswith(str(tmp_path)) for c in caches)
+    assert yaml.safe_load((tmp_path / "llamafactory-0.yaml").read_text()) == predict.llamafactory_config(
         CFG, tmp_path / "data", out)
     results = [_run("tunelab", 10.0, 5.0, answers=["a", "b "]), _run("llamafactory", 20.0, 9.0, answers=["a", "c"])]
     assert predict.same_answers(results) == (1, 2)
