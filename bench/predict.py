@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -137,16 +138,22 @@ def parse_results(side: str, out_dir: Path) -> dict[str, Any]:
 
 def run_side(side: str, cmd: list[str], env: dict[str, str], out_dir: Path, samples: int,
              timeout: float = 3600) -> dict[str, Any]:
-    """Run one side's command, timed from process start to exit; its log goes to <out_dir>.log."""
-    start = time.perf_counter()
+    """Run one side's command, timed from process start to exit; its log goes to <out_dir>.log. cpu_s: the
+    CPU seconds (user + system) the process and its waited-for children used, a check on a busy machine."""
+    cpu_before, start = _children_cpu(), time.perf_counter()
     with open(f"{out_dir}.log", "w", encoding="utf-8") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-    result = {"side": side, "wall_s": time.perf_counter() - start, "rc": rc, "samples": samples,
-              "cmd": cmd, **parse_results(side, out_dir)}
+    result = {"side": side, "wall_s": time.perf_counter() - start, "cpu_s": _children_cpu() - cpu_before, "rc": rc,
+              "samples": samples, "cmd": cmd, **parse_results(side, out_dir)}
     if rc != 0 or len(result["answers"]) != samples:
         result["error"] = f"exit {rc}, {len(result['answers'])}/{samples} answers; log: {out_dir}.log"
         result["log_tail"] = Path(f"{out_dir}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
     return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -158,7 +165,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             table[side] = {"runs": 0}
             continue
         row = {"runs": len(ok), "samples": ok[0]["samples"], "wall_s": median([r["wall_s"] for r in ok])}
-        for key in ("model_s", "loss_pass_s", "generation_s"):
+        for key in ("cpu_s", "model_s", "loss_pass_s", "generation_s"):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = median(values) if values else None
         row["samples_per_s"] = row["samples"] / row["wall_s"]
@@ -189,14 +196,15 @@ def format_table(table: dict[str, dict[str, Any]], info: dict[str, Any], cfg: di
     lines = [f"{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; "
              f"{cfg['samples']} {SOURCE} prompts, greedy, <= {cfg['max_new_tokens']} new tokens, batch {cfg['batch']}, "
              f"cutoff {cfg['cutoff']}, {cfg['precision']}"]
-    head = f"{'side':<14}{'runs':>5}{'end-to-end s':>14}{'samples/s':>11}{'model s':>9}{'model smp/s':>13}" \
-           f"{'loss pass s':>13}{'generate s':>12}"
+    head = f"{'side':<14}{'runs':>5}{'end-to-end s':>14}{'CPU s':>8}{'samples/s':>11}{'model s':>9}" \
+           f"{'model smp/s':>13}{'loss pass s':>13}{'generate s':>12}"
     lines += [head, "-" * len(head)]
     for side, r in table.items():
         if not r["runs"]:
             lines.append(f"{side:<14}{0:>5}  every run failed (see the log above)")
             continue
-        lines.append(f"{side:<14}{r['runs']:>5}{r['wall_s']:>14.1f}{r['samples_per_s']:>11.3f}"
+        lines.append(f"{side:<14}{r['runs']:>5}{r['wall_s']:>14.1f}{cell(r.get('cpu_s'), '.1f'):>8}"
+                     f"{r['samples_per_s']:>11.3f}"
                      f"{cell(r['model_s'], '.1f'):>9}{cell(r['model_samples_per_s'], '.3f'):>13}"
                      f"{cell(r.get('loss_pass_s'), '.1f'):>13}{cell(r.get('generation_s'), '.1f'):>12}")
     end_to_end, model = ratio(table), ratio(table, "model_samples_per_s")

@@ -117,6 +117,9 @@ def test_run_side_times_the_process_and_flags_missing_answers(tmp_path):
     ok = predict.run_side("tunelab", [sys.executable, "-c", "print('hi')"], dict(os.environ), out, samples=2)
     assert ok["rc"] == 0 and ok["wall_s"] > 0 and ok["answers"] == ["x", "y"] and "error" not in ok
     assert (tmp_path / "t.log").read_text() == "hi\n"
+    busy = predict.run_side("tunelab", [sys.executable, "-c", "import time; t = time.process_time()\n"
+                                        "while time.process_time() - t < 0.3: pass"], dict(os.environ), out, 2)
+    assert busy["cpu_s"] >= 0.3  # the child's own CPU time, whatever else the machine runs
     short = predict.run_side("tunelab", [sys.executable, "-c", "print('oops')"], dict(os.environ), out, samples=3)
     assert short["error"].startswith("exit 0, 2/3 answers") and "oops" in short["log_tail"]
     failed = predict.run_side("tunelab", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), out, 2)
@@ -128,12 +131,13 @@ def _run(side, wall, model, answers=("a",), **extra):
 
 
 def test_summarize_takes_medians_of_successful_runs_and_the_ratio():
-    results = [_run("tunelab", 10.0, 6.0, loss_pass_s=2.0), _run("llamafactory", 30.0, 20.0),
-               _run("tunelab", 20.0, 8.0, loss_pass_s=3.0), _run("llamafactory", 50.0, 25.0),
+    results = [_run("tunelab", 10.0, 6.0, loss_pass_s=2.0, cpu_s=15.0), _run("llamafactory", 30.0, 20.0),
+               _run("tunelab", 20.0, 8.0, loss_pass_s=3.0, cpu_s=35.0), _run("llamafactory", 50.0, 25.0),
                _run("tunelab", 90.0, 9.0, error="exit 1")]
     table = predict.summarize(results)
     assert table["tunelab"]["runs"] == 2 and table["tunelab"]["wall_s"] == 15.0
     assert table["tunelab"]["model_s"] == 7.0 and table["tunelab"]["loss_pass_s"] == 2.5
+    assert table["tunelab"]["cpu_s"] == 25.0 and table["llamafactory"]["cpu_s"] is None
     assert table["tunelab"]["samples_per_s"] == 10 / 15.0
     assert table["llamafactory"]["model_samples_per_s"] == 10 / 22.5
     assert table["tunelab"]["generation_s"] is None
