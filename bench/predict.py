@@ -18,9 +18,10 @@ predict_with_generate: true` in LLaMA-Factory's own virtual env (bench/README.md
 Timed end to end, process start to exit (imports and model load included); the model-only time is what
 each tool reports in predict_results.json (`parse_results`; tunelab also splits it into its loss pass and
 generation). Both start cold: LLaMA-Factory re-tokenizes (`overwrite_cache`), and tunelab gets an empty
-$TUNELAB_CACHE per run, so it tokenizes and runs the base model's loss pass as on a first run. With `--repeats R` the sides alternate R times and the table prints medians. Without
-LLaMA-Factory (no --llamafactory-python, $LLAMAFACTORY_PYTHON or llamafactory-cli on PATH) tunelab runs
-alone. Raw results: runs/bench/predict-<time>.json.
+$TUNELAB_CACHE per run, so it tokenizes and runs the base model's loss pass as on a first run. Also printed:
+each process's CPU seconds (a check on a busy machine). With `--repeats R` the sides alternate R times and
+the table prints medians. Without LLaMA-Factory (no --llamafactory-python, $LLAMAFACTORY_PYTHON or
+llamafactory-cli on PATH) tunelab runs alone. Raw results: runs/bench/predict-<time>.json.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def find_llamafactory(python: str | None) -> tuple[str, str] | None:
     if python is None or not Path(python).is_file():
         return None
     probe = [python, "-c", "import importlib.metadata as m; print(m.version('llamafactory'))"]
-    done = subprocess.run(probe, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(probe, check=False, capture_output=True, text=True, timeout=120)
     return (python, done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
 
 
@@ -142,7 +143,8 @@ def run_side(side: str, cmd: list[str], env: dict[str, str], out_dir: Path, samp
     CPU seconds (user + system) the process and its waited-for children used, a check on a busy machine."""
     cpu_before, start = _children_cpu(), time.perf_counter()
     with open(f"{out_dir}.log", "w", encoding="utf-8") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        rc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=timeout).returncode
     result = {"side": side, "wall_s": time.perf_counter() - start, "cpu_s": _children_cpu() - cpu_before, "rc": rc,
               "samples": samples, "cmd": cmd, **parse_results(side, out_dir)}
     if rc != 0 or len(result["answers"]) != samples:
@@ -193,9 +195,9 @@ def format_table(table: dict[str, dict[str, Any]], info: dict[str, Any], cfg: di
     def cell(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
-    lines = [f"{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; "
-             f"{cfg['samples']} {SOURCE} prompts, greedy, <= {cfg['max_new_tokens']} new tokens, batch {cfg['batch']}, "
-             f"cutoff {cfg['cutoff']}, {cfg['precision']}"]
+    lines = [(f"{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; "
+              f"{cfg['samples']} {SOURCE} prompts, greedy, <= {cfg['max_new_tokens']} new tokens, "
+              f"batch {cfg['batch']}, cutoff {cfg['cutoff']}, {cfg['precision']}")]
     head = f"{'side':<14}{'runs':>5}{'end-to-end s':>14}{'CPU s':>8}{'samples/s':>11}{'model s':>9}" \
            f"{'model smp/s':>13}{'loss pass s':>13}{'generate s':>12}"
     lines += [head, "-" * len(head)]

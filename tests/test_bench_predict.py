@@ -53,7 +53,8 @@ def test_llamafactory_config_matches_the_tunelab_side(tmp_path, precision):
     assert (config["cutoff_len"], config["max_new_tokens"], config["per_device_eval_batch_size"]) == (200, 16, 4)
     assert config["do_sample"] is False and config["bf16"] is (precision == "bf16")
     assert config["infer_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
-    assert config["use_cpu"] is True and config["model_name_or_path"] == "/m" and "template" not in config  # parsed from the tokenizer
+    assert config["use_cpu"] is True and config["model_name_or_path"] == "/m"
+    assert "template" not in config  # LLaMA-Factory parses the tokenizer's chat template
 
 
 def test_llamafactory_command_prefers_the_envs_cli(tmp_path):
@@ -117,8 +118,8 @@ def test_run_side_times_the_process_and_flags_missing_answers(tmp_path):
     ok = predict.run_side("tunelab", [sys.executable, "-c", "print('hi')"], dict(os.environ), out, samples=2)
     assert ok["rc"] == 0 and ok["wall_s"] > 0 and ok["answers"] == ["x", "y"] and "error" not in ok
     assert (tmp_path / "t.log").read_text() == "hi\n"
-    busy = predict.run_side("tunelab", [sys.executable, "-c", "import time; t = time.process_time()\n"
-                                        "while time.process_time() - t < 0.3: pass"], dict(os.environ), out, 2)
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    busy = predict.run_side("tunelab", [sys.executable, "-c", spin], dict(os.environ), out, 2)
     assert busy["cpu_s"] >= 0.3  # the child's own CPU time, whatever else the machine runs
     short = predict.run_side("tunelab", [sys.executable, "-c", "print('oops')"], dict(os.environ), out, samples=3)
     assert short["error"].startswith("exit 0, 2/3 answers") and "oops" in short["log_tail"]
@@ -159,7 +160,8 @@ def test_with_llamafactory_the_sides_alternate_and_its_config_is_written(tmp_pat
     lf = (str(tmp_path / "python"), "0.9.5")
     runs = list(predict.side_runs(CFG, lf, tmp_path / "data", tmp_path, repeats=2))
     assert [r[0] for r in runs] == ["tunelab", "llamafactory"] * 2
-    side, cmd, env, out = runs[1]
+    _, cmd, env, out = runs[1]
+    assert cmd == predict.llamafactory_command(lf[0], tmp_path / "llamafactory-0.yaml")
     assert "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
     caches = [r[2]["TUNELAB_CACHE"] for r in runs if r[0] == "tunelab"]  # each tunelab run starts cold
     assert len(set(caches)) == 2 and all(c.startswith(str(tmp_path)) for c in caches)
