@@ -38,7 +38,8 @@ def test_predict_a_trained_checkpoint_needs_no_method_flags(tiny_llama_dir, tiny
     out = tmp_path / "pred"
     results = run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt))))
     keys = {f"predict_{k}" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "loss", "perplexity", "samples",
-                                     "nll", "kl", "kl_topk_mass", "likelihood_samples", "generated_samples")}
+                                     "nll", "kl", "kl_topk_mass", "likelihood_samples", "generated_samples",
+                                     "base_pass_runtime")}
     assert keys <= set(results)
     assert json.loads((out / "predict_results.json").read_text()) == results
     assert keys <= set(json.loads((out / "all_results.json").read_text()))

@@ -186,7 +186,9 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "eval")
     # the base model's pass runs before the checkpoints apply
+    base_start = time.time()
     base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device)
+    base_seconds = round(time.time() - base_start, 3)  # ~0 on a cache hit; bench/predict.py reads it
     loaded = apply_checkpoints(loaded)
     # nothing trains here: frozen weights also let the lower-layer cache apply to every method's checkpoint
     # (a loaded Freeze checkpoint's layers would otherwise keep requires_grad from from_pretrained)
@@ -195,7 +197,7 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     with lower_layer_cache(model, loaded.method, args):  # the likelihood pass reuses cached lower layers;
         # generation runs them all
         scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints)
-    metrics = scored.metrics
+    metrics = {**scored.metrics, "base_pass_runtime": base_seconds}
     main = distributed.is_main()
     if main:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
