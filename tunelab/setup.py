@@ -158,11 +158,12 @@ def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
 
 def base_dtype_key(model_args: ModelArguments) -> list[str]:
     """What a cache key holds of the base's dtype: nothing for float32 (keys from before --torch_dtype
-    stay valid), the dtype's name otherwise."""
+    stay valid), the dtype's name otherwise; and int4 / int8 for a --quantization_bit base."""
     import torch
 
     dtype = base_dtype(model_args)
-    return [] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]
+    bits = [f"int{model_args.quantization_bit}"] if model_args.quantization_bit else []  # a quantized base differs
+    return ([] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]) + bits
 
 
 def upcast_trainable(model) -> int:
@@ -181,13 +182,18 @@ def upcast_trainable(model) -> int:
 def training_args(args: Args):
     """The training options every tunelab training run uses: resolved precision plus settings it needs
     from HF's TrainingArguments."""
+    from tunelab.eval_likelihood import measure_of
+
     training = resolve_precision(args)
+    # HF's default direction is "greater is better" for any metric not named *loss; likelihood measures fall
+    lower = measure_of(training.metric_for_best_model) and "greater_is_better" not in args.explicit
     return dataclasses.replace(
         training,
         remove_unused_columns=False,  # our model wrappers (P-Tuning) take **kwargs; keep labels
         prediction_loss_only=True,  # eval during training measures the loss (no logits kept)
         # early stopping compares evaluations: on the eval loss unless told otherwise
         metric_for_best_model=training.metric_for_best_model or ("loss" if args.run.early_stopping_patience else None),
+        greater_is_better=False if lower else training.greater_is_better,
     )
 
 
