@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_train import train_argv
 
-from tunelab.eval_likelihood import measure_of, parse_measures, summarize
+from tunelab.eval_likelihood import summarize
 from tunelab.hparams import TunelabError, parse_args
 from tunelab.likelihood import Scores
 from tunelab.setup import training_args
 from tunelab.train import run
+from tunelab.validate import measure_of, parse_measures
 
 KEYS = ("eval_nll", "eval_nll_sample_mean", "eval_kl", "eval_kl_sample_mean", "eval_kl_topk_mass")
 
@@ -76,13 +77,18 @@ def _evals(out) -> list[dict]:
 
 
 def test_measures_at_every_evaluation_match_tunelab_eval(tiny_llama_dir, tiny_data_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
     out = tmp_path / "run"
     run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--do_eval", "--eval_dataset", "tiny",
                               "--max_samples", "8", "--eval_strategy", "steps", "--eval_steps", "2",
-                              "--max_steps", "4", "--eval_on_start", "true", "--eval_likelihood", "nll,kl")))
+                              "--max_steps", "4", "--eval_on_start", "true", "--eval_likelihood", "nll,kl",
+                              "--report_to", "tensorboard")))
     evals = _evals(out)
     assert [e["step"] for e in evals] == [0, 2, 4, 4]  # at the start, every 2 steps, and the final evaluation
     assert all(all(key in e for key in KEYS) for e in evals), evals
+    # logged before the callbacks ran: the tracker has them too
+    for name in ("kl", "nll_sample_mean"):
+        assert _tensorboard(out, f"eval/{name}") == [(e["step"], pytest.approx(e[f"eval_{name}"])) for e in evals]
     start, *_, final = evals
     assert start["eval_kl"] == 0 and start["eval_kl_sample_mean"] == 0  # LoRA starts as the base (B = 0)
     assert final["eval_kl"] > 1e-4 and final["eval_nll"] < start["eval_nll"]  # it trained away from the base
@@ -95,6 +101,14 @@ def test_measures_at_every_evaluation_match_tunelab_eval(tiny_llama_dir, tiny_da
     assert start["eval_nll"] == pytest.approx(_base_nll(tiny_llama_dir, tiny_data_dir, tmp_path), abs=1e-5)
     per_sample = [json.loads(line)["nll"] for line in (tmp_path / "eval" / "likelihood.jsonl").open()]
     assert final["eval_nll_sample_mean"] == pytest.approx(sum(per_sample) / len(per_sample), abs=1e-5)
+
+
+def _tensorboard(out, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def _base_nll(model_dir, data_dir, tmp_path) -> float:

@@ -27,39 +27,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from tunelab.errors import TunelabError, closest
+from tunelab.validate import parse_measures
 
 logger = logging.getLogger(__name__)
-
-MEASURES = ("nll", "kl")
-
-
-def parse_measures(value: str | None) -> tuple[str, ...]:
-    """'nll,kl' -> ("nll", "kl"); None or '' -> (); an unknown name fails naming the valid ones."""
-    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
-    for name in names:
-        if name not in MEASURES:
-            raise TunelabError(f"unknown --eval_likelihood measure '{name}': {closest(name, list(MEASURES))}")
-    return names
-
-
-def measure_of(metric: str | None) -> str | None:
-    """The likelihood measure a --metric_for_best_model name refers to ('eval_kl_sample_mean' -> 'kl'), else None."""
-    name = (metric or "").removeprefix("eval_")
-    return next((m for m in MEASURES if name == m or name.startswith(f"{m}_")), None)
-
-
-def check_options(value: str | None, do_train: bool, do_eval: bool, metric_for_best_model: str | None) -> None:
-    """Before anything loads: --eval_likelihood names known measures and comes with evaluations during training;
-    a --metric_for_best_model on a likelihood measure needs that measure scored."""
-    measures = parse_measures(value)
-    if measures and not (do_train and do_eval):
-        raise TunelabError("--eval_likelihood scores the evaluations during training: give it with --do_train "
-                           "--do_eval and --val_size or --eval_dataset (tunelab eval scores nll and kl always)")
-    wanted = measure_of(metric_for_best_model)
-    if wanted and wanted not in measures:
-        raise TunelabError(f"--metric_for_best_model {metric_for_best_model} is measured only with "
-                           f"--eval_likelihood {','.join([*measures, wanted])}")
 
 
 def summarize(scores, measures: tuple[str, ...], covered_mass: float | None = None) -> dict[str, float]:

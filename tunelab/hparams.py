@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab import eval_likelihood
 from tunelab.cli import Parser, underscored
 from tunelab.data import parse_json, read_text
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
 from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
-from tunelab.validate import validate
+from tunelab.validate import check_eval_likelihood, validate
 
 if TYPE_CHECKING:
     from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -369,8 +368,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     explicit = _explicit_names(argv)
     check_issue16_options(model, data, finetune, training)
     check_eval_during_training(data, training, run)
-    eval_likelihood.check_options(run.eval_likelihood, training.do_train, training.do_eval,
-                                  training.metric_for_best_model)
+    check_eval_likelihood(run.eval_likelihood, training.do_train, training.do_eval, training.metric_for_best_model)
     training = check_report_to(training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 
