@@ -174,3 +174,19 @@ def test_8_bit_needs_a_bitsandbytes_that_moves_8_bit_models(monkeypatch, bits, i
             quantization.check_quantization(model)
     else:
         quantization.check_quantization(model)
+
+
+# ---- the README's "Coming from LLaMA-Factory" mapping names real options ----
+
+def test_llama_factory_mapping_names_only_tunelab_options():
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from LLaMA-Factory", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    named = {code.split(":")[0].strip() for row in rows for code in re.findall(r"`([^`]+)`", row[2])
+             if not code.startswith("tunelab ")}
+    assert len(rows) >= 10 and {"checkpoint_dir", "attn_implementation", "torch_dtype", "eval_likelihood"} <= named
+    assert named <= set(option_names()), named - set(option_names())
