@@ -54,3 +54,47 @@ def test_flash_attention_models_take_packed_rows_as_they_are(tiny_llama_dir):
     assert not flash_varlen(model)
     model.config._attn_implementation = "flash_attention_2"  # what loading with it records (no kernel needed here)
     assert flash_varlen(model)
+
+
+@pytest.mark.parametrize("torch_dtype, refused", [("auto", True), ("float32", True), ("bfloat16", False),
+                                                  ("float16", False)])
+def test_flash_attention_needs_a_16_bit_base(monkeypatch, tiny_llama_dir, torch_dtype, refused):
+    # as on a CUDA machine with flash-attn installed (the tiny checkpoint is float32, so auto means float32)
+    import importlib.util
+
+    model = parse_args(["--model_name_or_path", str(tiny_llama_dir), "--attn_implementation", "flash_attention_2",
+                        "--torch_dtype", torch_dtype]).model  # parsed first: HF's TrainingArguments would set up CUDA
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "flash_attn" or real_find_spec(name, *a))
+    if refused:
+        with pytest.raises(TunelabError, match="flash_attention_2 computes in 16 bits only: .*--torch_dtype bfloat16"):
+            setup.check_model_options(model)
+    else:
+        setup.check_model_options(model)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none here); bench/gpu_check.sh runs it where there is one")
+@pytest.mark.parametrize("kernel", ["sdpa", "flash_attention_2"])
+def test_packed_rows_on_a_gpu_give_the_padded_batch_loss(tiny_llama_dir, kernel):
+    import importlib.util
+
+    from test_attention import padded_batch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.attention import pack_batch, packed_attention_enabled
+    from tunelab.trainer import supervised_loss
+
+    if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16,
+                                                 attn_implementation=kernel).cuda().eval()
+    batch = {k: v.cuda() for k, v in padded_batch(model.config.vocab_size).items()}
+    padded = supervised_loss(model, batch)  # right-padded rows with their attention mask
+    with packed_attention_enabled(model) as packing:
+        assert packing == (kernel == "sdpa") and flash_varlen(model) == (kernel == "flash_attention_2")
+        packed = supervised_loss(model, pack_batch(batch))  # one padding-free row: tunelab's SDPA or flash varlen
+    assert torch.allclose(packed.float(), padded.float(), rtol=1e-2, atol=1e-2), (packed, padded)  # bf16 rounding

@@ -127,3 +127,66 @@ def test_str_or_bool_training_fields_take_their_words(value, expect):
 def test_str_or_bool_training_field_from_a_config_dict():
     args = parse_args(config={"do_train": True, "output_dir": "x", "include_num_input_tokens_seen": "non_padding"})
     assert args.training.include_num_input_tokens_seen == "non_padding"
+
+
+# ---- infer.py / web_demo.py parsed ModelArguments only: tunelab chat / webui take the same options ----
+
+@pytest.mark.parametrize("name, value", [("config_name", "cfg"), ("tokenizer_name", "tok"), ("cache_dir", "c"),
+                                         ("model_revision", "v0.1"), ("use_auth_token", "true"),
+                                         ("use_fast_tokenizer", "false")])
+def test_infer_and_web_demo_refuse_the_same_model_flags(name, value):
+    from tunelab.hparams import parse_with
+    from tunelab.webui import WebUIArguments
+
+    for parse in (lambda argv: parse_args(argv, prog="tunelab chat"),
+                  lambda argv: parse_with(argv, WebUIArguments, prog="tunelab webui")[0]):
+        with pytest.raises(TunelabError, match=rf"^--{name} \S+ is not supported: \S.+"):
+            parse([f"--{name}", value])
+
+
+def test_infer_and_web_demo_take_the_2023_model_flags_they_implement():
+    from tunelab.hparams import parse_with
+    from tunelab.webui import WebUIArguments
+
+    argv = ["--model_name_or_path", "m", "--checkpoint_dir", "a,b", "--quantization_bit", "8",
+            "--use_fast_tokenizer", "true", "--use_auth_token", "false"]
+    for args in (parse_args(argv, prog="tunelab chat"), parse_with(argv, WebUIArguments, prog="tunelab webui")[0]):
+        model = args.model
+        assert (model.model_name_or_path, model.checkpoint_dir, model.quantization_bit) == ("m", "a,b", 8)
+
+
+@pytest.mark.parametrize("bits, installed, refused", [(8, (0, 45, 0), True), (8, (0, 48, 0), False),
+                                                      (4, (0, 45, 0), False)])
+def test_8_bit_needs_a_bitsandbytes_that_moves_8_bit_models(monkeypatch, bits, installed, refused):
+    # as on a CUDA machine with bitsandbytes `installed`: eval and chat move the loaded model with .to(device)
+    import importlib.util
+
+    from tunelab import quantization
+
+    model = _parse("--quantization_bit", str(bits)).model  # parsed first: HF's TrainingArguments would set up CUDA
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: name == "bitsandbytes" or real_find_spec(name, *a))
+    monkeypatch.setattr(quantization, "_version", lambda package: installed)
+    if refused:
+        with pytest.raises(TunelabError, match=r"--quantization_bit 8 needs bitsandbytes >= 0.48 .*bit 4"):
+            quantization.check_quantization(model)
+    else:
+        quantization.check_quantization(model)
+
+
+# ---- the README's "Coming from LLaMA-Factory" mapping names real options ----
+
+def test_llama_factory_mapping_names_only_tunelab_options():
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from LLaMA-Factory", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    named = {code.split(":")[0].strip() for row in rows for code in re.findall(r"`([^`]+)`", row[2])
+             if not code.startswith("tunelab ")}
+    assert len(rows) >= 10 and {"checkpoint_dir", "attn_implementation", "torch_dtype", "eval_likelihood"} <= named
+    assert named <= set(option_names()), named - set(option_names())

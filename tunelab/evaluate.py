@@ -22,6 +22,7 @@ Under `torchrun` / `accelerate launch` every rank loads the model, scores its sh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,18 +42,20 @@ logger = logging.getLogger(__name__)
 def sample_likelihoods(model, dataset, tokenizer, args: Args, base=None, topk: int = 0):
     """(Scores, BaseTopK or None) of every sample in data-set order (tunelab/likelihood.py): each rank scores
     its shard in one teacher-forced pass over the full sequences; the shards are gathered in order."""
-    import torch
-
-    from tunelab import likelihood
+    from tunelab.likelihood import score_in_shards
 
     rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
-    mine = distributed.my_shard(len(rows))
+    return score_in_shards(model, rows, tokenizer, args.training.per_device_eval_batch_size, _scoring(args), base,
+                           topk)
+
+
+@contextlib.contextmanager
+def _scoring(args: Args):
+    """What a likelihood pass of `tunelab eval` runs under: inference mode and the run's autocast."""
+    import torch
+
     with torch.inference_mode(), autocast(args):
-        scores, top = likelihood.score_rows(model, [rows[i] for i in mine], tokenizer,
-                                            args.training.per_device_eval_batch_size,
-                                            base=None if base is None else base.select(mine), topk=topk)
-    scores = likelihood.merge_shards(distributed.all_gather(scores), len(rows))
-    return scores, (likelihood.merge_shards(distributed.all_gather(top), len(rows)) if topk else None)
+        yield
 
 
 def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device):

@@ -30,7 +30,7 @@ from tunelab.data import parse_json, read_text
 from tunelab.errors import TunelabError, closest  # noqa: F401  (re-exported for callers)
 from tunelab.methods import REGISTRY as METHOD_REGISTRY
 from tunelab.targets import TARGET_MATCH_MODES
-from tunelab.validate import validate
+from tunelab.validate import check_eval_likelihood, validate
 
 if TYPE_CHECKING:
     from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -167,6 +167,11 @@ class RunArguments:
     # ---- issue 16: early stopping ----
     early_stopping_patience: int | None = _opt(
         None, "Stop training after this many evaluations without a better --metric_for_best_model (eval loss).")
+    # ---- issue 16: the study's likelihood measures as eval metrics during training (tunelab/eval_likelihood.py) ----
+    eval_likelihood: str | None = _opt(
+        None, "With --do_train --do_eval: also score every evaluation's rows by likelihood, a comma list of nll "
+        "(eval_nll: NLL per reference token) and kl (eval_kl: KL per token from the model before this run's "
+        "method, base log-probs computed once); --metric_for_best_model nll or kl can use them.")
 
 
 @dataclass
@@ -371,6 +376,7 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     explicit = _explicit_names(argv)
     check_issue16_options(model, data, finetune, training)
     check_eval_during_training(data, training, run)
+    check_eval_likelihood(run.eval_likelihood, training.do_train, training.do_eval, training.metric_for_best_model)
     training = check_report_to(training)
     return Args(model, data, finetune, _with_generation_preset(generation, explicit), training, run, explicit)
 

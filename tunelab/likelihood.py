@@ -27,10 +27,14 @@ the top-k holds on average 96.2% / 95.5% of the mass at k = 64, 98.6% / 98.1% at
     scores, top = score_rows(model, rows, tokenizer, batch_size, base=None, topk=64)  # base pass
     scores, _ = score_rows(tuned, rows, tokenizer, batch_size, base=top)               # nll + kl
     records(scores)     # -> likelihood.jsonl lines;  aggregate(scores) -> nll, perplexity, kl, ...
+
+`score_in_shards` runs the same pass data-parallel (each rank its shard, gathered in data-set order): what
+`tunelab eval` (tunelab/evaluate.py) and the evaluations during training (tunelab/eval_likelihood.py) call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, fields
@@ -287,3 +291,18 @@ def merge_shards(parts: list, n: int):
 
     order = [i for r in range(len(parts)) for i in shard_indices(n, r, len(parts))]
     return type(parts[0]).cat(parts).select(torch.argsort(torch.tensor(order, dtype=torch.long)))
+
+
+def score_in_shards(model, rows: list[dict], tokenizer, batch_size: int, context: contextlib.AbstractContextManager,
+                    base: BaseTopK | None = None, topk: int = 0) -> tuple[Scores, BaseTopK | None]:
+    """score_rows of every row, in data-set order, each rank scoring its share (tunelab/distributed.py) under
+    `context` (no grad or inference mode, autocast); `base` holds every row's base log-probs. Collective: every
+    rank calls it."""
+    from tunelab import distributed
+
+    mine = distributed.my_shard(len(rows))
+    with context:
+        scores, top = score_rows(model, [rows[i] for i in mine], tokenizer, batch_size,
+                                 base=None if base is None else base.select(mine), topk=topk)
+    scores = merge_shards(distributed.all_gather(scores), len(rows))
+    return scores, (merge_shards(distributed.all_gather(top), len(rows)) if topk else None)

@@ -39,6 +39,19 @@ def check_quantization(model_args: ModelArguments) -> None:
                            "found here): train on a GPU, or use --torch_dtype bfloat16 to halve the base's memory")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TunelabError(f"--quantization_bit {bits} needs the bitsandbytes package: pip install bitsandbytes")
+    if bits == 8 and _version("bitsandbytes") < (0, 48):
+        # eval and chat move the loaded model to the GPU (.to), which transformers allows for 8-bit only from 0.48
+        raise TunelabError(f"--quantization_bit 8 needs bitsandbytes >= 0.48 (found {_version('bitsandbytes')}): "
+                           "pip install -U bitsandbytes, or use --quantization_bit 4")
+
+
+def _version(package: str) -> tuple[int, ...]:
+    """The installed version's leading numbers: '0.48.1' -> (0, 48, 1)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version(package)).release
 
 
 def compute_dtype(base: torch.dtype) -> torch.dtype:

@@ -132,17 +132,24 @@ def check_model_options(model_args: ModelArguments) -> None:
 
     check_torch_dtype(model_args.torch_dtype)
     check_quantization(model_args)
-    check_attention(model_args.attn_implementation)
+    check_attention(model_args)
 
 
-def check_attention(name: str) -> None:
+def check_attention(model_args: ModelArguments) -> None:
+    """flash_attention_2 needs CUDA, flash-attn and a 16-bit base: its kernels take fp16/bf16 only, and
+    transformers casts fp32 queries to the dtype of the model's weights (which stays fp32 there)."""
     import importlib.util
 
     import torch
 
-    if name == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+    if model_args.attn_implementation != "flash_attention_2":
+        return
+    if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
         raise TunelabError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package: "
                            "use auto (on a CPU: tunelab's padding-free per-sample attention), sdpa or eager")
+    if base_dtype(model_args) == torch.float32:
+        raise TunelabError("--attn_implementation flash_attention_2 computes in 16 bits only: load the base with "
+                           "--torch_dtype bfloat16 (or float16), or use sdpa for a float32 base")
 
 
 def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
@@ -158,11 +165,12 @@ def load_kwargs(model_args: ModelArguments, dtype) -> dict[str, Any]:
 
 def base_dtype_key(model_args: ModelArguments) -> list[str]:
     """What a cache key holds of the base's dtype: nothing for float32 (keys from before --torch_dtype
-    stay valid), the dtype's name otherwise."""
+    stay valid), the dtype's name otherwise; and int4 / int8 for a --quantization_bit base."""
     import torch
 
     dtype = base_dtype(model_args)
-    return [] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]
+    bits = [f"int{model_args.quantization_bit}"] if model_args.quantization_bit else []  # a quantized base differs
+    return ([] if dtype == torch.float32 else [str(dtype).replace("torch.", "")]) + bits
 
 
 def upcast_trainable(model) -> int:
@@ -181,13 +189,18 @@ def upcast_trainable(model) -> int:
 def training_args(args: Args):
     """The training options every tunelab training run uses: resolved precision plus settings it needs
     from HF's TrainingArguments."""
+    from tunelab.validate import measure_of
+
     training = resolve_precision(args)
+    # HF's default direction is "greater is better" for any metric not named *loss; likelihood measures fall
+    lower = measure_of(training.metric_for_best_model) and "greater_is_better" not in args.explicit
     return dataclasses.replace(
         training,
         remove_unused_columns=False,  # our model wrappers (P-Tuning) take **kwargs; keep labels
         prediction_loss_only=True,  # eval during training measures the loss (no logits kept)
         # early stopping compares evaluations: on the eval loss unless told otherwise
         metric_for_best_model=training.metric_for_best_model or ("loss" if args.run.early_stopping_patience else None),
+        greater_is_better=False if lower else training.greater_is_better,
     )
 
 

@@ -124,7 +124,7 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     """Model -> data -> method -> the shared trainer -> weights, trainer_state.json, train_results.json."""
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from tunelab import integrity, runinfo, signals
+    from tunelab import eval_likelihood, integrity, runinfo, signals
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.nonfinite import NonFiniteGuard
     from tunelab.resume import Bookkeeping, whole_run_loss
@@ -139,6 +139,8 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset, eval_dataset = training_data(args, tokenizer)
     args = _with_plot_logging(args, len(dataset))
+    # --eval_likelihood: the base's log-probs on the eval rows, before the method changes the model
+    likelihood = eval_likelihood.prepare(args, model, eval_dataset, tokenizer, loaded.base_path, loaded.checkpoints)
     set_seed(args.training.seed)  # new weights (LoRA A, prefixes) start alike in every run and on every rank
     model, info = prepare_method(model, args, go_on)
     if distributed.is_main():
@@ -149,7 +151,7 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
         model=model, args=args.training, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         callbacks=[Bookkeeping(), *callbacks(args)], method_info=info, base_model=loaded.base_path,
-        run_args=args.to_dict())
+        run_args=args.to_dict(), likelihood=likelihood)
     trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
     signals.check()  # a signal during set-up: nothing trained yet, nothing to save
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample

@@ -74,8 +74,9 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
     """HF Trainer + tunelab's supervised-position loss, padding-free batches and safetensors/JSON checkpoints."""
 
     def __init__(self, *args, method_info: methods.MethodInfo, base_model: str, run_args: dict,
-                 speedups: SpeedupOptions = SpeedupOptions(), **kwargs):
+                 speedups: SpeedupOptions = SpeedupOptions(), likelihood=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.likelihood = likelihood  # eval_likelihood.LikelihoodEval: --eval_likelihood's measures, or None
         self.method_info = method_info
         self.base_model = base_model
         self.run_args = run_args
@@ -104,6 +105,18 @@ class TunelabTrainer(PickleFreeCheckpoints, Trainer):
                 or methods.get_method(self.method_info.finetuning_type).whole_model:
             return None
         return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """HF's loop (eval_loss), plus --eval_likelihood's measures of the eval set (tunelab/eval_likelihood.py)
+        in the same metrics: evaluate() logs them, hands them to the callbacks (early stopping) and the best-
+        checkpoint choice after this returns."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.likelihood is not None and description == "Evaluation":
+            measured = self.likelihood.metrics(self.model)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in measured.items()})
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = pack_batch(inputs, self.speedups) if self.packing else None

@@ -189,3 +189,39 @@ def check_method_targets(args: Args) -> None:
         raise
     except Exception as err:  # noqa: BLE001  (the real preparation reports it, with the weights loaded)
         logging.getLogger(__name__).debug("weightless method check skipped: %s", err)
+
+
+# ---- --eval_likelihood (issue 16; the measures are scored in tunelab/eval_likelihood.py) ----
+
+LIKELIHOOD_MEASURES = ("nll", "kl")
+
+
+def parse_measures(value: str | None) -> tuple[str, ...]:
+    """'nll,kl' -> ("nll", "kl"); None or '' -> (); an unknown name fails naming the valid ones."""
+    from tunelab.errors import closest
+
+    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
+    for name in names:
+        if name not in LIKELIHOOD_MEASURES:
+            valid = closest(name, list(LIKELIHOOD_MEASURES))
+            raise TunelabError(f"unknown --eval_likelihood measure '{name}': {valid}")
+    return names
+
+
+def measure_of(metric: str | None) -> str | None:
+    """The likelihood measure a --metric_for_best_model name refers to ('eval_kl_sample_mean' -> 'kl'), else None."""
+    name = (metric or "").removeprefix("eval_")
+    return next((m for m in LIKELIHOOD_MEASURES if name == m or name.startswith(f"{m}_")), None)
+
+
+def check_eval_likelihood(value: str | None, do_train: bool, do_eval: bool, metric_for_best_model: str | None) -> None:
+    """Before anything loads: --eval_likelihood names known measures and comes with evaluations during training;
+    a --metric_for_best_model on a likelihood measure needs that measure scored."""
+    measures = parse_measures(value)
+    if measures and not (do_train and do_eval):
+        raise TunelabError("--eval_likelihood scores the evaluations during training: give it with --do_train "
+                           "--do_eval and --val_size or --eval_dataset (tunelab eval scores nll and kl always)")
+    wanted = measure_of(metric_for_best_model)
+    if wanted and wanted not in measures:
+        raise TunelabError(f"--metric_for_best_model {metric_for_best_model} is measured only with "
+                           f"--eval_likelihood {','.join([*measures, wanted])}")
