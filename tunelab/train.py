@@ -80,6 +80,7 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab import runinfo, signals
     from tunelab.logs import trainer_progress
     from tunelab.methods import get_method, split_checkpoints
+    from tunelab.methods.fit import check_resume
     from tunelab.resume import clear_old_checkpoints, resolve_resume
     from tunelab.setup import check_model_options, training_args
 
@@ -90,6 +91,8 @@ def run_train(args: Args) -> dict[str, Any]:
     check_eval_data(args)
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args.training.resume_from_checkpoint, out)
+    if resume:  # same method, base and settings, or one line saying what differs
+        check_resume(resume, args)
     if args.run.overwrite_output_dir and not resume:
         clear_old_checkpoints(out, split_checkpoints(args.model.checkpoint_dir))
     training, _ = distributed.setup(training_args(args))

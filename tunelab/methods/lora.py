@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from tunelab.methods.base import Method, MethodInfo, layer_spec, layers_of, resolve_modules
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
@@ -63,8 +65,31 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
+def fits(ckpt: Path, config, shapes: Mapping[str, tuple[int, ...]] | None) -> str | None:
+    """Each adapted module exists and its factors' update, B (out x r) @ A (r x in), has the shape of the
+    module's weight (either orientation: GPT-2's Conv1D stores it transposed, an embedding's update is too)."""
+    from tunelab.methods.fit import tensor_shapes
+
+    if shapes is None:
+        return None
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in tensor_shapes(ckpt / ADAPTER_WEIGHTS).items():
+        module, sep, part = key.removeprefix("base_model.model.").partition(".lora_")
+        factor = part.removeprefix("embedding_").split(".")[0]  # lora_A.weight, lora_embedding_A, ...
+        if sep and factor in ("A", "B"):
+            factors.setdefault(module, {})[factor] = shape
+    for module, ab in factors.items():
+        weight = shapes.get(f"{module}.weight")
+        if weight is None:
+            return f"it adapts {module}, which this model does not have"
+        if len(ab) == 2 and len(weight) == 2 and (ab["B"][0], ab["A"][-1]) not in (weight, weight[::-1]):
+            return (f"its LoRA update of {module} is {ab['B'][0]}x{ab['A'][-1]}, the model's weight is "
+                    f"{weight[0]}x{weight[1]}")
+    return None
+
+
 METHOD = Method(
     name="lora", label="LoRA", help="peft low-rank adapters on the --lora_target modules",
     options=("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "target_layers", "target_match"),
     prepare=prepare, save=save, load=load, restore=restore, merge=merge,
-    trains=True, weight_files=(ADAPTER_WEIGHTS,))
+    trains=True, weight_files=(ADAPTER_WEIGHTS,), fits=fits)
