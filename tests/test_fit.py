@@ -39,7 +39,8 @@ def test_base_shape_and_its_differences(tiny_model_factory):
 
     llama = base_shape(AutoConfig.from_pretrained(tiny_model_factory("llama", 4)))
     gpt2 = base_shape(AutoConfig.from_pretrained(tiny_model_factory("gpt2", 4)))
-    assert llama == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4, "vocab_size": llama["vocab_size"]}
+    assert llama == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4,
+                     "vocab_size": llama["vocab_size"]}
     assert gpt2["hidden_size"] == 32 and gpt2["num_hidden_layers"] == 4  # n_embd / n_layer read through the map
     assert describe(llama) == f"llama, hidden 32, 4 layers, vocab {llama['vocab_size']}"
     assert shape_difference(llama, gpt2) == "model_type llama there, gpt2 here"

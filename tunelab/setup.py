@@ -121,7 +121,8 @@ def _base_path(model_args: ModelArguments) -> Path:
     from tunelab.methods import model_to_load, split_checkpoints
     from tunelab.model import resolve_model_path
 
-    return resolve_model_path(model_to_load(model_args.model_name_or_path, split_checkpoints(model_args.checkpoint_dir)))
+    checkpoints = split_checkpoints(model_args.checkpoint_dir)
+    return resolve_model_path(model_to_load(model_args.model_name_or_path, checkpoints))
 
 
 def check_model_options(model_args: ModelArguments) -> None:

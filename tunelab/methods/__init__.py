@@ -36,9 +36,8 @@ if TYPE_CHECKING:
     from tunelab.hparams import FinetuningArguments
 
 __all__ = ["METHOD_FILE", "REGISTRY", "Method", "MethodInfo", "base_model_for", "continue_checkpoint", "count_params",
-           "get_method",
-           "load_checkpoints", "load_trainable", "method_names", "model_to_load", "prepare_model", "read_method", "register_method",
-           "restore_trainable", "save_trainable", "split_checkpoints"]
+           "get_method", "load_checkpoints", "load_trainable", "method_names", "model_to_load", "prepare_model",
+           "read_method", "register_method", "restore_trainable", "save_trainable", "split_checkpoints"]
 
 METHOD_FILE = "tunelab_method.json"
 

@@ -220,23 +220,26 @@ def check_resume(resume: str, args: Args) -> None:
 
 
 def _check_settings(resume: str, meta: Mapping[str, Any], config, args: Args) -> None:
-    """The method prepared on a weightless model must train what the checkpoint trained, with its settings."""
-    from tunelab.methods import prepare_model
+    """The method's settings the checkpoint records (lora_rank, pre_seq_len, ...) must be this run's, and the
+    method prepared on a weightless model must train the modules the checkpoint trained."""
+    from tunelab.methods import get_method, prepare_model
 
-    try:
-        _, info = prepare_model(weightless_model(config), args.finetune)
-    except TunelabError:
-        raise
-    except Exception as err:  # noqa: BLE001  (the real preparation reports it, with the weights loaded)
-        logger.debug("weightless resume check skipped: %s", err)
-        return
-    for key, value in info.extra.items():
+    for key in get_method(meta["finetuning_type"]).options:
+        value = getattr(args.finetune, key)
         if key in meta and meta[key] != value:
             raise TunelabError(f"--resume_from_checkpoint {resume} was trained with {key} {meta[key]}; this run asks "
                                f"for {value} (--{key}): resume with the checkpoint's settings, or start a new "
                                "--output_dir")
+    try:
+        _, info = prepare_model(weightless_model(config), args.finetune)
+    except TunelabError:
+        raise
+    except Exception as err:  # noqa: BLE001  (P-Tuning's set-up reads values; the real run reports the rest)
+        logger.debug("weightless resume check skipped: %s", err)
+        return
     if "modules" in meta and set(meta["modules"]) != set(info.modules):
-        extra, missing = sorted(set(info.modules) - set(meta["modules"])), sorted(set(meta["modules"]) - set(info.modules))
+        extra = sorted(set(info.modules) - set(meta["modules"]))
+        missing = sorted(set(meta["modules"]) - set(info.modules))
         which = f"{extra[0]} is not among them" if extra else f"{missing[0]} is not among this run's"
         raise TunelabError(f"--resume_from_checkpoint {resume} trained {len(meta['modules'])} modules, this run "
                            f"targets {len(info.modules)} ({which}): resume with the checkpoint's --lora_target / "

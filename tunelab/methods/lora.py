@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.errors import TunelabError
 from tunelab.methods.base import Method, MethodInfo, layer_spec, layers_of, resolve_modules
 
 if TYPE_CHECKING:
@@ -31,10 +32,15 @@ def prepare(model: nn.Module, ft: FinetuningArguments) -> tuple[nn.Module, Metho
 
     # GPT-2's Conv1D stores its weight transposed: saying so spares peft's warning that it corrects the flag
     fan_in_fan_out = all(isinstance(model.get_submodule(n), Conv1D) for n in names)
-    config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                        target_modules=names, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
     base_id = hub_id(getattr(model, "name_or_path", None))
-    model = get_peft_model(model, config)
+    try:
+        config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                            target_modules=names, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+        model = get_peft_model(model, config)
+    except ValueError as err:  # peft refuses a setting tunelab's own checks let through (a module type, ...)
+        raise TunelabError(f"peft refused the LoRA set-up (--lora_target {ft.lora_target}, {len(names)} modules, "
+                           f"--lora_rank {ft.lora_rank}, --lora_alpha {ft.lora_alpha}, --lora_dropout "
+                           f"{ft.lora_dropout}): {_one_line(err)}") from err
     if base_id:  # adapter_config.json names the Hub base, so PeftModel.from_pretrained works on any machine
         # that has it; tunelab finds its local base through tunelab_method.json's base_model
         model.peft_config["default"].base_model_name_or_path = base_id
@@ -51,7 +57,16 @@ def save(model: nn.Module, out: Path, state_dict: dict[str, torch.Tensor] | None
 def load(model: nn.Module, ckpt: Path, is_trainable: bool) -> nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(ckpt), is_trainable=is_trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(ckpt), is_trainable=is_trainable)
+    except (ValueError, KeyError, TypeError) as err:  # what peft raises for a damaged adapter_config.json:
+        # malformed JSON, an unknown peft_type (KeyError), a value of the wrong type (TypeError)
+        raise TunelabError(f"checkpoint {ckpt}: peft cannot load its LoRA adapter (adapter_config.json: "
+                           f"{type(err).__name__}: {_one_line(err)}); TUNELAB_DEBUG=1 shows where") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def restore(model: nn.Module, ckpt: Path) -> None:
