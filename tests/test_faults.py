@@ -83,6 +83,31 @@ def hub_dataset(ctx: Ctx) -> list[str]:
     return flags
 
 
+def trainer_checkpoint(ctx: Ctx, damage: Callable[[Path], None] = lambda folder: None,
+                       method: dict | None = None) -> list[str]:
+    """A whole checkpoint-4 in the output dir (its completion marker written), then `damage` done to it."""
+    from tunelab import integrity
+
+    folder = ctx.out / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    if method is not None:
+        (folder / "tunelab_method.json").write_text(json.dumps(method))
+    integrity.mark_complete(folder, 4)
+    damage(folder)
+    return ["--resume_from_checkpoint", str(folder)]
+
+
+def other_model_checkpoint(ctx: Ctx) -> list[str]:
+    """A LoRA checkpoint whose record says it was trained on a wider model than ctx.model."""
+    folder = ctx.tmp / "other_lora"
+    folder.mkdir()
+    shape = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "vocab_size": 320}
+    (folder / "tunelab_method.json").write_text(json.dumps({"finetuning_type": "lora", "base_shape": shape}))
+    return ["--checkpoint_dir", str(folder)]
+
+
 ROW = {"instruction": "hi", "input": "", "output": "hello"}
 
 # (id, flags or ctx -> flags, text the one-line error must hold); the flags follow a valid LoRA train command
@@ -171,6 +196,15 @@ CASES: list[tuple[str, list[str] | Callable[[Ctx], list[str]], str]] = [
     ("output_dir_below_file", out_below_file, "is a file, not a folder"),
     ("output_dir_used", out_used, "is not empty"),
     ("resume_missing", lambda c: ["--resume_from_checkpoint", str(c.tmp / "checkpoint-9")], "not found"),
+    ("resume_without_trainer_state", lambda c: trainer_checkpoint(c, lambda f: (f / "trainer_state.json").unlink()),
+     "checkpoint-4 is incomplete: trainer_state.json is missing"),
+    ("resume_truncated_weights",
+     lambda c: trainer_checkpoint(c, lambda f: (f / "adapter_model.safetensors").write_bytes(b"x" * 10)),
+     "adapter_model.safetensors is 10 bytes, 100 when saved"),
+    ("resume_another_method", lambda c: trainer_checkpoint(c, method={"finetuning_type": "p_tuning"}),
+     "is a P-Tuning v2 checkpoint (p_tuning); this run trains --finetuning_type lora"),
+    ("checkpoint_of_another_model", other_model_checkpoint,
+     "does not fit: hidden_size 64 there, 32 here"),
 ]
 
 

@@ -66,7 +66,7 @@ def test_a_checkpoint_fits_its_own_model_and_records_its_shape(tiny_llama_dir, t
 # (method, model it is applied to, shape recorded, what the one line must say)
 MISFITS = [
     ("lora", ("llama", 2), True, "trained on llama, hidden 32, 4 layers, vocab"),
-    ("lora", ("llama", 2), True, "was trained on another model: num_hidden_layers 4 there, 2 here"),
+    ("lora", ("llama", 2), True, "does not fit: num_hidden_layers 4 there, 2 here"),
     ("lora", ("qwen2", 4), True, "model_type llama there, qwen2 here"),  # same shapes, another model
     ("lora", ("llama", 2), False, "it adapts model.layers.2.self_attn.k_proj, which this model does not have"),
     ("lora", ("gpt2", 4), False, "it adapts model.layers.0.self_attn.k_proj, which this model does not have"),

@@ -111,8 +111,8 @@ def whole_run_metrics(metrics: dict[str, Any], state, resume: str | None) -> dic
     loss = whole_run_loss(state.log_history)
     if loss is not None:
         out["train_loss"] = loss
-    earlier = earlier_runtime(resume)
-    session, steps = metrics.get("train_runtime"), state.global_step - (integrity.checkpoint_step(resume or "") or 0)
+    earlier, session = earlier_runtime(resume), metrics.get("train_runtime")
+    steps = state.global_step - _step_of(resume)  # the steps this session trained
     if not earlier or not session or steps <= 0:
         return out
     whole = session + earlier
@@ -123,6 +123,15 @@ def whole_run_metrics(metrics: dict[str, Any], state, resume: str | None) -> dic
     if "train_steps_per_second" in metrics:
         out["train_steps_per_second"] = round(state.global_step / whole, 3)
     return out
+
+
+def _step_of(resume: str | None) -> int:
+    """The step checkpoint `resume` was saved at (its trainer_state.json, else its folder name; 0 for none)."""
+    if not resume:
+        return 0
+    state = integrity.read_json(Path(resume) / "trainer_state.json")
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else integrity.checkpoint_step(resume) or 0
 
 
 class Bookkeeping(TrainerCallback):

@@ -126,9 +126,10 @@ def model_in_use(model_args: ModelArguments, checkpoints: list[str]) -> tuple[st
     """(what to call it, config) of the model the checkpoints will be applied to (methods.model_to_load: a
     first full checkpoint is that model itself; else --model_name_or_path, else the recorded base)."""
     from tunelab.methods import model_to_load
+    from tunelab.model import resolve_model_path
 
     name = model_to_load(model_args.model_name_or_path, checkpoints)
-    path = _resolve(name)
+    path = resolve_model_path(name)
     return f"the model {name or path}", load_config(path)
 
 
@@ -143,7 +144,7 @@ def check_checkpoints(model_args: ModelArguments, checkpoints: list[str]) -> Non
     now = base_shape(config)
     first = read_method(checkpoints[0])
     if get_method(first.get("finetuning_type", "?")).whole_model and model_args.model_name_or_path:
-        given = base_shape(load_config(_resolve(model_args.model_name_or_path)))
+        given = base_shape(model_in_use(model_args, [])[1])
         difference = shape_difference(given, now)
         if difference:
             raise TunelabError(f"checkpoint {checkpoints[0]} (full fine-tuning, {describe(now)}) is not a fine-tune "
@@ -156,23 +157,12 @@ def check_checkpoints(model_args: ModelArguments, checkpoints: list[str]) -> Non
             raise TunelabError(f"{problem}; it cannot be applied to {what} ({describe(now)})")
 
 
-def _resolve(name: str | None) -> Path:
-    from tunelab.model import resolve_model_path
-
-    return resolve_model_path(name)
-
-
 def run_model(model_args: ModelArguments) -> tuple[str, Any]:
-    """(what to call it, config) of the model a training run starts from: its --checkpoint_dir's model
-    (model_in_use), else --model_name_or_path (None: the default model)."""
+    """(what to call it, config) of the model a training run starts from: its --checkpoint_dir's model,
+    else --model_name_or_path (None: the default model)."""
     from tunelab.methods import split_checkpoints
 
-    checkpoints = split_checkpoints(model_args.checkpoint_dir)
-    if checkpoints:
-        return model_in_use(model_args, checkpoints)
-    name = model_args.model_name_or_path
-    path = _resolve(name)
-    return f"the model {name or path}", load_config(path)
+    return model_in_use(model_args, split_checkpoints(model_args.checkpoint_dir))
 
 
 def checkpoint_misfit(ckpt: str, meta: Mapping[str, Any], config, now: Mapping[str, Any],
@@ -187,7 +177,7 @@ def checkpoint_misfit(ckpt: str, meta: Mapping[str, Any], config, now: Mapping[s
     head = f"checkpoint {ckpt} ({method.label}, trained on {trained_on})"
     difference = shape_difference(saved, now) if isinstance(saved, dict) else None
     if difference:
-        return f"{head} was trained on another model: {difference}"
+        return f"{head} does not fit: {difference}"
     if method.fits is None or method.whole_model:
         return None
     problem = method.fits(Path(ckpt), config, shapes)
