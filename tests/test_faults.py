@@ -83,6 +83,31 @@ def hub_dataset(ctx: Ctx) -> list[str]:
     return flags
 
 
+def trainer_checkpoint(ctx: Ctx, damage: Callable[[Path], None] = lambda folder: None,
+                       method: dict | None = None) -> list[str]:
+    """A whole checkpoint-4 in the output dir (its completion marker written), then `damage` done to it."""
+    from tunelab import integrity
+
+    folder = ctx.out / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    if method is not None:
+        (folder / "tunelab_method.json").write_text(json.dumps(method))
+    integrity.mark_complete(folder, 4)
+    damage(folder)
+    return ["--resume_from_checkpoint", str(folder)]
+
+
+def other_model_checkpoint(ctx: Ctx) -> list[str]:
+    """A LoRA checkpoint whose record says it was trained on a wider model than ctx.model."""
+    folder = ctx.tmp / "other_lora"
+    folder.mkdir()
+    shape = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "vocab_size": 320}
+    (folder / "tunelab_method.json").write_text(json.dumps({"finetuning_type": "lora", "base_shape": shape}))
+    return ["--checkpoint_dir", str(folder)]
+
+
 ROW = {"instruction": "hi", "input": "", "output": "hello"}
 
 # (id, flags or ctx -> flags, text the one-line error must hold); the flags follow a valid LoRA train command
@@ -171,6 +196,15 @@ CASES: list[tuple[str, list[str] | Callable[[Ctx], list[str]], str]] = [
     ("output_dir_below_file", out_below_file, "is a file, not a folder"),
     ("output_dir_used", out_used, "is not empty"),
     ("resume_missing", lambda c: ["--resume_from_checkpoint", str(c.tmp / "checkpoint-9")], "not found"),
+    ("resume_without_trainer_state", lambda c: trainer_checkpoint(c, lambda f: (f / "trainer_state.json").unlink()),
+     "checkpoint-4 is incomplete: trainer_state.json is missing"),
+    ("resume_truncated_weights",
+     lambda c: trainer_checkpoint(c, lambda f: (f / "adapter_model.safetensors").write_bytes(b"x" * 10)),
+     "adapter_model.safetensors is 10 bytes, 100 when saved"),
+    ("resume_another_method", lambda c: trainer_checkpoint(c, method={"finetuning_type": "p_tuning"}),
+     "is a P-Tuning v2 checkpoint (p_tuning); this run trains --finetuning_type lora"),
+    ("checkpoint_of_another_model", other_model_checkpoint,
+     "does not fit: hidden_size 64 there, 32 here"),
 ]
 
 
@@ -313,3 +347,88 @@ def test_tunelab_debug_prints_the_traceback_too(monkeypatch, capsys):
     assert main(["train", "--do_train"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith("the disk is full: /x (OSError)")
+
+
+# ---- eval / predict record how they ended (run_status.json), as training does ----
+
+def _predict_argv(ctx: Ctx) -> list[str]:
+    return ["predict", "--model_name_or_path", str(ctx.model), "--dataset", "tiny", "--dataset_dir", str(ctx.data),
+            "--output_dir", str(ctx.out), "--max_samples", "2", "--max_new_tokens", "2", "--bf16", "false"]
+
+
+def test_predict_marks_its_run_done(tiny_llama_dir, tiny_data_dir, tmp_path):
+    from tunelab import integrity
+
+    ctx = Ctx(tiny_llama_dir, tiny_data_dir, tmp_path / "eval", tmp_path)
+    assert main(_predict_argv(ctx)) == 0
+    status = integrity.read_status(ctx.out)
+    assert status["status"] == "done" and status["error"] is None and (ctx.out / "predict_results.json").is_file()
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/runs/eval/likelihood.jsonl")
+
+
+def _terminated(*args, **kwargs):
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises at once: this never finishes
+    pytest.fail("SIGTERM did not stop the eval at once")
+
+
+@pytest.mark.parametrize("fault, code, status, message", [
+    (_disk_full, 2, "failed", "the disk is full: /runs/eval/likelihood.jsonl"),
+    (_terminated, 143, "interrupted", "interrupted by SIGTERM: stopped; run the same command again"),
+])
+def test_a_failed_or_interrupted_predict_says_so_in_run_status(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                               capsys, fault, code, status, message):
+    import signal
+
+    import tunelab.evaluate
+    from tunelab import integrity
+
+    monkeypatch.setattr(tunelab.evaluate, "score", fault)  # fails while scoring, after the model loaded
+    ctx = Ctx(tiny_llama_dir, tiny_data_dir, tmp_path / "eval", tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(_predict_argv(ctx)) == code
+    assert message in capsys.readouterr().err
+    recorded = integrity.read_status(ctx.out)
+    assert recorded["status"] == status and recorded["error"]
+    assert not (ctx.out / "predict_results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handlers are gone again
+
+
+# ---- what peft refuses: one line at the call site, naming the options or the checkpoint ----
+
+def test_a_lora_setup_peft_refuses_is_one_line_naming_the_options(tiny_llama_dir, tiny_data_dir, tmp_path, no_model,
+                                                                  monkeypatch, capsys):
+    """A module type peft cannot adapt (an RMSNorm) getting past target resolution: peft's ValueError becomes
+    one line, on the weightless model, before the real one loads."""
+    import tunelab.methods.lora
+
+    monkeypatch.setattr(tunelab.methods.lora, "resolve_modules", lambda *args: ["model.norm"])
+    ctx = Ctx(tiny_llama_dir, tiny_data_dir, tmp_path / "run", tmp_path)
+    line = assert_one_line_error(capsys, main(["train", *good_train_argv(ctx), "--lora_target", "qkv"]),
+                                 "peft refused the LoRA set-up (--lora_target qkv, 1 modules, --lora_rank 8")
+    assert "is not supported" in line and not ctx.out.exists()
+
+
+@pytest.mark.parametrize("config, kind", [
+    ('{"peft_type": "LORA", "r": 8,', "JSONDecodeError"),  # truncated
+    ('{"peft_type": "NOPE"}', "KeyError"),
+    (None, "TypeError"),  # r given as text
+])
+def test_a_damaged_adapter_config_is_one_line_naming_the_checkpoint(tiny_llama_dir, tiny_data_dir, tmp_path, capsys,
+                                                                     config, kind):
+    from test_fit import make_checkpoint
+
+    ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "lora", "lora")
+    path = ckpt / "adapter_config.json"
+    path.write_text(config or json.dumps({**json.loads(path.read_text()), "r": "eight"}))
+    ctx = Ctx(tiny_llama_dir, tiny_data_dir, tmp_path / "eval", tmp_path)
+    line = assert_one_line_error(capsys, main([*_predict_argv(ctx), "--checkpoint_dir", str(ckpt)]),
+                                 f"checkpoint {ckpt}: peft cannot load its LoRA adapter", "predict")
+    assert f"adapter_config.json: {kind}" in line

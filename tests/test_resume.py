@@ -19,7 +19,7 @@ from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.hparams import parse_args
 from tunelab.methods import split_checkpoints
-from tunelab.resume import clear_old_checkpoints, resolve_resume, whole_run_loss
+from tunelab.resume import RUNTIME_FILE, clear_old_checkpoints, resolve_resume, whole_run_loss, whole_run_metrics
 from tunelab.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,23 @@ def test_whole_run_loss_weights_each_logged_mean_by_its_steps():
                {"train_loss": 9.0, "step": 5}, {"eval_loss": 3.0, "step": 4}]
     assert whole_run_loss(history) == pytest.approx((2 * 2.0 + 2 * 1.0 + 1 * 0.5) / 5)
     assert whole_run_loss([]) is None
+
+
+def test_whole_run_metrics_add_the_earlier_sessions_time(tmp_path):
+    """Resumed at step 3 of 8 after 14 s of training: this session ran 5 steps (8 samples each) in 10 s."""
+    from types import SimpleNamespace
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / RUNTIME_FILE).write_text('{"train_runtime": 14.0}')
+    session = {"train_runtime": 10.0, "train_samples_per_second": 4.0, "train_steps_per_second": 0.5,
+               "train_loss": 0.8, "total_flos": 7.0}
+    state = SimpleNamespace(global_step=8, log_history=[{"loss": 2.0, "step": 3}, {"loss": 0.8, "step": 8}])
+    whole = whole_run_metrics(session, state, str(ckpt))
+    assert whole == {"train_runtime": 24.0, "train_samples_per_second": round(64 / 24, 3),
+                     "train_steps_per_second": round(8 / 24, 3), "train_loss": (3 * 2.0 + 5 * 0.8) / 8,
+                     "total_flos": 7.0}
+    assert whole_run_metrics(session, state, None) == {**session, "train_loss": whole["train_loss"]}  # never stopped
 
 
 def _checkpoint(run_dir, step, whole=True):
@@ -160,8 +177,13 @@ def test_kill_9_between_checkpoint_files_then_resume_reproduces_the_run(tiny_lla
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoint-8" / "optimizer.safetensors").is_file()
     assert integrity.checkpoint_problem(out / "checkpoint-8") and integrity.read_status(out)["status"] == "running"
+    earlier = json.loads((out / "checkpoint-4" / RUNTIME_FILE).read_text())["train_runtime"]
     results = _resume_and_compare(tiny_llama_dir, reference, out)
     assert results["train_resumed_from_step"] == 4
+    # the run's metrics cover all 8 steps: the first session's time up to checkpoint-4 is counted in
+    assert earlier > 0 and results["train_runtime"] > earlier
+    assert results["train_steps_per_second"] == pytest.approx(8 / results["train_runtime"], abs=1e-3)
+    assert json.loads((out / "all_results.json").read_text())["train_runtime"] == results["train_runtime"]
 
 
 def test_a_signal_mid_training_saves_the_step_marks_the_run_and_resume_continues(tiny_llama_dir, reference,

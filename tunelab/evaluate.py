@@ -176,15 +176,27 @@ def write_scored(out: Path, stage: str, scored: Scored, dataset) -> None:
 
 
 def run_eval(args: Args, stage: str) -> dict[str, Any]:
-    from tunelab import runinfo
-    from tunelab.layer_cache import lower_layer_cache
-    from tunelab.preprocess import build_dataset
+    """Score the model (see the module docstring) with run_status.json saying how it went: "running" once
+    the model has loaded, then "done", "failed" or "interrupted" (a signal stops eval at once: it has no
+    step to finish and nothing to resume)."""
+    from tunelab import integrity, runinfo, signals
 
     check_model_options(args.model)
     out = runinfo.check_output_dir(args)
     training, device = distributed.setup(resolve_precision(args))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
-    loaded = setup_base(dataclasses.replace(args, training=training), stage)
+    with signals.graceful(at_once=True):
+        loaded = setup_base(dataclasses.replace(args, training=training), stage)
+        with integrity.recorded(out, main=distributed.is_main()):
+            return _evaluate(loaded, stage, out, device)
+
+
+def _evaluate(loaded, stage: str, out: Path, device) -> dict[str, Any]:
+    """Base pass -> checkpoints applied -> likelihood pass and generation -> result files."""
+    from tunelab import runinfo
+    from tunelab.layer_cache import lower_layer_cache
+    from tunelab.preprocess import build_dataset
+
     args, tokenizer = loaded.args, loaded.tokenizer
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "eval")

@@ -6,6 +6,7 @@
     checkpoint_problem(ckpt_dir) -> str | None       why a checkpoint is not whole (None: it is)
     complete_checkpoints(run_dir)                    [(step, path)] of its whole checkpoint-<step> folders
     set_status(out_dir, status, error)               run_status.json: running -> done | failed | interrupted
+    with recorded(out_dir): ...                      the same around a block (eval / predict)
 
 A rename inside one folder is atomic on POSIX filesystems: a reader sees the old file or the new one, never
 half of one, and a write that fails (disk full, read-only) leaves the old file and no temp file behind.
@@ -24,6 +25,7 @@ Light on purpose (no torch): the study runner uses it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -162,6 +164,39 @@ def set_status(out_dir: str | Path, status: str, error: str | None = None, **ext
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(path, {"status": status, "error": error, "pid": os.getpid(), "started": started or now,
                       "updated": now, **extra})
+
+
+def mark_ended(out_dir: str | Path, status: str, error: str | None) -> None:
+    """Record how this process's run in out_dir ended ("failed" / "interrupted" with the error) when this
+    process marked it running; a run that stopped before writing anything leaves nothing. A write that fails
+    too (the disk that failed the run) is logged: the run's own error is the one to report."""
+    before = read_status(out_dir)
+    if before.get("status") == "running" and before.get("pid") == os.getpid():
+        try:
+            set_status(out_dir, status, error)
+        except OSError as err:
+            logging.getLogger(__name__).warning("could not record the run as %s in %s: %s", status, out_dir, err)
+
+
+@contextmanager
+def recorded(out_dir: str | Path, main: bool = True, **extra: Any) -> Iterator[None]:
+    """run_status.json around a block that runs in out_dir: "running" now, "done" when the block ends, or
+    "interrupted" / "failed" with the error when it raises (re-raised). `main`: this process writes run files
+    (rank 0); the other ranks write nothing."""
+    if main:
+        set_status(out_dir, "running", **extra)
+    try:
+        yield
+    except KeyboardInterrupt as err:  # Ctrl-C, or a signal (tunelab/signals.py)
+        if main:
+            mark_ended(out_dir, "interrupted", str(err) or "interrupted (Ctrl-C)")
+        raise
+    except BaseException as err:
+        if main:
+            mark_ended(out_dir, "failed", f"{type(err).__name__}: {err}")
+        raise
+    if main:
+        set_status(out_dir, "done")
 
 
 def read_status(out_dir: str | Path) -> dict[str, Any]:

@@ -118,11 +118,11 @@ def checkpoint_dtype(path: str | Path) -> str:
 
 
 def _base_path(model_args: ModelArguments) -> Path:
-    from tunelab.methods import base_model_for, split_checkpoints
+    from tunelab.methods import model_to_load, split_checkpoints
     from tunelab.model import resolve_model_path
 
-    name = model_args.model_name_or_path or base_model_for(split_checkpoints(model_args.checkpoint_dir))
-    return resolve_model_path(name)
+    checkpoints = split_checkpoints(model_args.checkpoint_dir)
+    return resolve_model_path(model_to_load(model_args.model_name_or_path, checkpoints))
 
 
 def check_model_options(model_args: ModelArguments) -> None:
@@ -217,13 +217,15 @@ def autocast(args: Args):
 
 def load_base(model_args: ModelArguments, checkpoints: list[str]):
     """(model, tokenizer, base path): `--model_name_or_path`, or when it is not given the base model the
-    checkpoints record, so eval of a run needs only --checkpoint_dir. Weights in --torch_dtype (base_dtype)."""
-    from tunelab.methods import base_model_for
+    checkpoints record, so eval of a run needs only --checkpoint_dir; a first full checkpoint is itself the
+    model (methods.model_to_load). Weights in --torch_dtype (base_dtype)."""
+    from tunelab.methods import model_to_load
     from tunelab.model import load_model_and_tokenizer
 
     check_model_options(model_args)
-    if checkpoints and not model_args.model_name_or_path:
-        model_args = dataclasses.replace(model_args, model_name_or_path=base_model_for(checkpoints))
+    if checkpoints:  # a full checkpoint is the model itself
+        model_args = dataclasses.replace(model_args,
+                                         model_name_or_path=model_to_load(model_args.model_name_or_path, checkpoints))
     dtype = base_dtype(model_args)
     model, tokenizer, path = load_model_and_tokenizer(model_args, dtype=dtype, **load_kwargs(model_args, dtype))
     return model, tokenizer, str(path)
@@ -265,8 +267,10 @@ def setup_base(args: Args, stage: str) -> Setup:
     export) formats prompts as the checkpoint's run did unless the user sets an option again.
     """
     from tunelab.methods import split_checkpoints
+    from tunelab.methods.fit import check_checkpoints
 
     checkpoints = split_checkpoints(args.model.checkpoint_dir)
+    check_checkpoints(args.model, checkpoints)  # another model's or shape's checkpoint: one line, nothing loaded
     model, tokenizer, base_path = load_base(args.model, checkpoints)
     if stage != "train":
         args = dataclasses.replace(args, data=inherit_from_checkpoint(args, checkpoints))

@@ -13,6 +13,9 @@ Interrupted at once, wherever the program is (the completion markers of tunelab/
 it leaves half-written from passing for whole). A repeat within a second counts as the same request: a
 terminal's Ctrl-C reaches every process of the group, and the study also forwards a SIGTERM to its workers.
 
+Eval and predict (`graceful(at_once=True)`) have no step to finish and nothing to resume: the first signal
+stops them at once, their run_status.json says "interrupted", and the command is simply run again.
+
 Interrupted is a KeyboardInterrupt, so `except Exception` (a failing row, a failing stage) never swallows it.
 Handlers can only be installed in the main thread; elsewhere `graceful()` changes nothing.
 """
@@ -33,8 +36,10 @@ REPEAT_WINDOW_S = 1.0
 class Interrupted(KeyboardInterrupt):
     """A run or study stopped by a signal; `exit_code` is the shell's 128 + signal number."""
 
-    def __init__(self, signum: int = signal.SIGINT):
+    def __init__(self, signum: int = signal.SIGINT,
+                 next_step: str = "--resume_from_checkpoint true continues the run"):
         self.signum = signum
+        self.next_step = next_step  # what the CLI tells the user to do next
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
     @property
@@ -70,15 +75,21 @@ def _handle(signum: int, _frame) -> None:
           "step, with a checkpoint); send it again to stop now", file=sys.stderr, flush=True)
 
 
+def _stop_now(signum: int, _frame) -> None:
+    raise Interrupted(signum, next_step="run the same command again")
+
+
 @contextmanager
-def graceful() -> Iterator[None]:
+def graceful(at_once: bool = False) -> Iterator[None]:
     """Handle SIGINT and SIGTERM as described above while the block runs; restores the old handlers after
-    the outermost block and forgets a signal nobody acted on."""
+    the outermost block and forgets a signal nobody acted on. `at_once`: work with no clean point to wait for
+    (eval, predict: nothing to resume) stops at the first signal; inside an outer block (a study's row) the
+    outer block's handling stays."""
     global _depth, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handle) for s in SIGNALS} if _depth == 0 else {}
+    previous = {s: signal.signal(s, _stop_now if at_once else _handle) for s in SIGNALS} if _depth == 0 else {}
     _depth += 1
     try:
         yield

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -38,8 +37,8 @@ def main(argv: list[str], prog: str = "tunelab train") -> int:
 
     try:
         run(parse_args(argv, prog=prog))
-    except Interrupted as err:  # the run is marked interrupted and its last step checkpointed
-        print(f"tunelab: {err}: stopped; --resume_from_checkpoint true continues the run", file=sys.stderr)
+    except Interrupted as err:  # the run is marked interrupted (training: its last step checkpointed)
+        print(f"tunelab: {err}: stopped; {err.next_step}", file=sys.stderr)
         return err.exit_code
     return 0
 
@@ -80,6 +79,7 @@ def run_train(args: Args) -> dict[str, Any]:
     from tunelab import runinfo, signals
     from tunelab.logs import trainer_progress
     from tunelab.methods import get_method, split_checkpoints
+    from tunelab.methods.fit import check_resume
     from tunelab.resume import clear_old_checkpoints, resolve_resume
     from tunelab.setup import check_model_options, training_args
 
@@ -90,6 +90,8 @@ def run_train(args: Args) -> dict[str, Any]:
     check_eval_data(args)
     out = runinfo.check_output_dir(args)
     resume = resolve_resume(args.training.resume_from_checkpoint, out)
+    if resume:  # same method, base and settings, or one line saying what differs
+        check_resume(resume, args)
     if args.run.overwrite_output_dir and not resume:
         clear_old_checkpoints(out, split_checkpoints(args.model.checkpoint_dir))
     training, _ = distributed.setup(training_args(args))
@@ -112,12 +114,8 @@ def _mark_if_started(out: Path, status: str, error: str) -> None:
     """Record how this process's run ended; a run that failed before writing anything leaves nothing."""
     from tunelab import integrity
 
-    before = integrity.read_status(out)
-    if distributed.is_main() and before.get("status") == "running" and before.get("pid") == os.getpid():
-        try:
-            integrity.set_status(out, status, error)
-        except OSError as err:  # the disk that failed the run may fail this too; the run's own error matters
-            logger.warning("could not record the run as %s in %s: %s", status, out, err)
+    if distributed.is_main():
+        integrity.mark_ended(out, status, error)
 
 
 def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
@@ -127,7 +125,7 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     from tunelab import eval_likelihood, integrity, runinfo, signals
     from tunelab.layer_cache import lower_layer_cache
     from tunelab.nonfinite import NonFiniteGuard
-    from tunelab.resume import Bookkeeping, whole_run_loss
+    from tunelab.resume import Bookkeeping, earlier_runtime, whole_run_metrics
     from tunelab.setup import setup_training_model
     from tunelab.trainer import TunelabTrainer
 
@@ -150,15 +148,15 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     trainer = TunelabTrainer(
         model=model, args=args.training, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-        callbacks=[Bookkeeping(), *callbacks(args)], method_info=info, base_model=loaded.base_path,
-        run_args=args.to_dict(), likelihood=likelihood)
+        callbacks=[Bookkeeping(earlier_runtime(resume)), *callbacks(args)], method_info=info,
+        base_model=loaded.base_path, run_args=args.to_dict(), likelihood=likelihood)
     trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
     signals.check()  # a signal during set-up: nothing trained yet, nothing to save
     with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
         result = trainer.train(resume_from_checkpoint=resume)
         signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
         trainer.save_model()
-        metrics = {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history) or result.training_loss}
+        metrics = whole_run_metrics(result.metrics, trainer.state, resume)  # a resumed run reports the whole run
         if resume:
             metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
         trainer.log_metrics("train", metrics)

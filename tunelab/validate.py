@@ -144,11 +144,15 @@ def _check_train_length(values: Mapping[str, Any]) -> None:
 
 def check_inputs(args: Args, stage: str) -> None:
     """What can be known about a run's inputs without the model: the output folder can be written, the
-    data sets resolve, open and parse (unknown names, missing files, bad encodings, malformed rows), and for
-    training the method's targets and layers exist in the model (check_method_targets)."""
+    --checkpoint_dir checkpoints are whole and fit the model (methods/fit.py), the data sets resolve, open
+    and parse (unknown names, missing files, bad encodings, malformed rows), and for training the method's
+    targets and layers exist in the model (check_method_targets)."""
     check_output_dir(Path(args.training.output_dir))
     from tunelab.data import load_examples
+    from tunelab.methods import split_checkpoints
+    from tunelab.methods.fit import check_checkpoints
 
+    check_checkpoints(args.model, split_checkpoints(args.model.checkpoint_dir))  # complete, and fit the model
     load_examples(args.data)
     if stage == "train":
         check_method_targets(args)

@@ -12,8 +12,9 @@ method lists all come from it. To add a method: write tunelab/methods/<name>.py 
 `METHOD = Method(...)`, add it to `_BUILTIN`, and give it its test rows (tests/test_methods.py runs every
 registered method through prepare -> save -> load -> restore). `register_method` adds one at run time.
 
-Each checkpoint directory carries `tunelab_method.json` (method, resolved modules, prefix size, base model)
-so loading needs no method flags.
+Each checkpoint directory carries `tunelab_method.json` (method, resolved modules, prefix size, base model and
+its shape, the weight files' sizes) so loading needs no method flags; methods/fit.py checks from it, and from
+the weight files' headers, that a checkpoint fits the model it is about to be loaded onto.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ if TYPE_CHECKING:
     from tunelab.hparams import FinetuningArguments
 
 __all__ = ["METHOD_FILE", "REGISTRY", "Method", "MethodInfo", "base_model_for", "continue_checkpoint", "count_params",
-           "get_method",
-           "load_checkpoints", "load_trainable", "method_names", "prepare_model", "read_method", "register_method",
-           "restore_trainable", "save_trainable", "split_checkpoints"]
+           "get_method", "load_checkpoints", "load_trainable", "method_names", "model_to_load", "prepare_model",
+           "read_method", "register_method", "restore_trainable", "save_trainable", "split_checkpoints"]
 
 METHOD_FILE = "tunelab_method.json"
 
@@ -90,9 +90,18 @@ def save_trainable(model: nn.Module, out_dir: str | Path, info: MethodInfo, base
         raise TunelabError(f"method '{method.name}' saved no weights into {out} "
                            f"(expected one of {', '.join(method.weight_files)})")
     # written last, through a temp file, with the sizes of the weight files: a truncated one is refused
-    meta = {**info.to_dict(), "base_model": base_model, "files": integrity.file_sizes(out, _weight_files(out, method))}
+    meta = {**info.to_dict(), "base_model": base_model, "base_shape": _shape_of(model),
+            "files": integrity.file_sizes(out, _weight_files(out, method))}
     integrity.write_json(out / METHOD_FILE, meta)
     apply_umask(out, recursive=False)  # safetensors writes 0600 files
+
+
+def _shape_of(model: nn.Module) -> dict[str, Any] | None:
+    """The base's shape (methods/fit.py): what loading the checkpoint onto another model is checked against."""
+    from tunelab.methods.fit import base_shape
+
+    config = getattr(model, "config", None)
+    return base_shape(config) if config is not None else None
 
 
 def _weight_files(out: Path, method: Method) -> list[str]:
@@ -105,10 +114,14 @@ def _weight_files(out: Path, method: Method) -> list[str]:
 
 
 def read_method(ckpt: str | Path) -> dict[str, Any]:
+    """A checkpoint's tunelab_method.json; one line naming the file when it is missing or unreadable."""
     path = Path(ckpt) / METHOD_FILE
     if not path.is_file():
         raise TunelabError(f"{ckpt} is not a tunelab checkpoint (no {METHOD_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = integrity.read_json(path)
+    if not isinstance(meta, dict) or "finetuning_type" not in meta:
+        raise TunelabError(f"{path} is unreadable or names no finetuning_type: the checkpoint is damaged")
+    return meta
 
 
 def _method_of(ckpt: str | Path, meta: dict[str, Any]) -> Method:
@@ -132,6 +145,15 @@ def base_model_for(checkpoints: list[str]) -> str | None:
         return None
     first = read_method(checkpoints[0])
     return checkpoints[0] if _method_of(checkpoints[0], first).whole_model else first.get("base_model")
+
+
+def model_to_load(name: str | None, checkpoints: list[str]) -> str | None:
+    """The model to load before `checkpoints` apply: a first whole-model (full) checkpoint itself, even when
+    --model_name_or_path (`name`) is given: it names that checkpoint's base, whose shape methods/fit.py checks;
+    else `name`, else the base the checkpoints record (None: the default model)."""
+    if checkpoints and (not name or _method_of(checkpoints[0], read_method(checkpoints[0])).whole_model):
+        return base_model_for(checkpoints)
+    return name
 
 
 def load_checkpoints(model: nn.Module, checkpoints: list[str], merge: bool = True) -> tuple[nn.Module, dict]:
@@ -158,7 +180,7 @@ def continue_checkpoint(model: nn.Module, ckpt: str | Path) -> tuple[nn.Module, 
     method = _method_of(ckpt, meta)
     model = method.load(model, Path(ckpt), True)
     skip = {"finetuning_type", "trainable_params", "all_params", "trainable_percent", "layers", "modules",
-            "base_model"}
+            "base_model", "base_shape", "files"}
     info = MethodInfo(method.name, list(meta.get("modules", [])), list(meta.get("layers", [])),
                       extra={k: v for k, v in meta.items() if k not in skip})
     info.trainable_params, info.all_params = count_params(model)

@@ -17,6 +17,8 @@ from tunelab.errors import TunelabError
 from tunelab.targets import format_target_table, layer_of, num_layers, parse_layer_spec, resolve_targets
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
@@ -55,6 +57,7 @@ Save = Callable[["nn.Module", Path, "dict[str, torch.Tensor] | None"], None]
 Load = Callable[["nn.Module", Path, bool], "nn.Module"]
 Restore = Callable[["nn.Module", Path], None]
 Merge = Callable[["nn.Module"], "nn.Module"]
+Fits = Callable[[Path, Any, "Mapping[str, tuple[int, ...]] | None"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Method:
     restore(model, ckpt_dir)               load a checkpoint's weights into an already prepared model (resume)
     merge(model) -> model                  fold loaded weights into plain weights (eval, export); None: they
                                            cannot be (export refuses the checkpoint)
+    fits(ckpt_dir, config, shapes)         why the checkpoint's saved tensors do not fit a model of `config`
+                                           whose parameter shapes are `shapes` ({name: shape}, None when
+                                           unknown), read from metadata only (methods/fit.py); None: they fit
     """
 
     name: str  # the --finetuning_type value, recorded in tunelab_method.json
@@ -82,6 +88,7 @@ class Method:
     trains: bool  # False only for `none`: the base model as it is
     weight_files: tuple[str, ...]  # a checkpoint of a method that trains holds at least one of these
     whole_model: bool = False  # a checkpoint is a whole model directory, loaded as the base itself
+    fits: Fits | None = None  # None: nothing to check beyond the recorded base shape
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

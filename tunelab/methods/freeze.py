@@ -11,6 +11,8 @@ from tunelab.methods.base import Method, MethodInfo, as_is, layer_spec, layers_o
 from tunelab.targets import freeze_layers, num_layers
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
@@ -55,9 +57,23 @@ def restore(model: nn.Module, ckpt: Path) -> None:
     model.load_state_dict(load_file(str(ckpt / FREEZE_WEIGHTS)), strict=False)
 
 
+def fits(ckpt: Path, config, shapes: Mapping[str, tuple[int, ...]] | None) -> str | None:
+    """Every saved weight is a parameter of the model, of the same shape."""
+    from tunelab.methods.fit import tensor_shapes
+
+    if shapes is None:
+        return None
+    for name, shape in tensor_shapes(ckpt / FREEZE_WEIGHTS).items():
+        if name not in shapes:
+            return f"it holds {name}, which this model does not have"
+        if shapes[name] != shape:
+            return f"{name} is {list(shape)} there, {list(shapes[name])} here"
+    return None
+
+
 METHOD = Method(
     name="freeze", label="Freeze",
     help="train the --name_module_trainable modules of --num_layer_trainable layers",
     options=("num_layer_trainable", "name_module_trainable", "target_layers"),
     prepare=prepare, save=save, load=load, restore=restore, merge=as_is,
-    trains=True, weight_files=(FREEZE_WEIGHTS,))
+    trains=True, weight_files=(FREEZE_WEIGHTS,), fits=fits)

@@ -11,6 +11,8 @@ from tunelab.methods.base import Method, MethodInfo, all_layers
 from tunelab.names import PREFIX_WEIGHTS  # prefix.py (torch) loads when the method is used, not with the registry
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
@@ -41,8 +43,21 @@ def restore(model: nn.Module, ckpt: Path) -> None:
     model.load_prefix_state_dict(load_file(str(ckpt / PREFIX_WEIGHTS)))
 
 
+def fits(ckpt: Path, config, shapes: Mapping[str, tuple[int, ...]] | None) -> str | None:
+    """The prefix holds a key and a value per layer of the model's key/value width (prefix_config.json)."""
+    from tunelab.methods.fit import read_json
+    from tunelab.prefix import PREFIX_CONFIG, kv_shape
+
+    saved = read_json(ckpt / PREFIX_CONFIG)
+    layers, kv_heads, head_dim = kv_shape(config)
+    if (saved.get("num_layers"), saved.get("kv_dim")) != (layers, kv_heads * head_dim):
+        return (f"its prefix is for {saved.get('num_layers')} layers x kv width {saved.get('kv_dim')}, the model has "
+                f"{layers} x {kv_heads * head_dim}")
+    return None
+
+
 METHOD = Method(
     name="p_tuning", label="P-Tuning v2", help="P-Tuning v2, --pre_seq_len trained key/value prefixes per layer",
     options=("pre_seq_len", "prefix_projection"),
     prepare=prepare, save=save, load=load, restore=restore, merge=None,
-    trains=True, weight_files=(PREFIX_WEIGHTS,))
+    trains=True, weight_files=(PREFIX_WEIGHTS,), fits=fits)
