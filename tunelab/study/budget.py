@@ -26,11 +26,13 @@ from tunelab.errors import TunelabError
 from tunelab.study.efficiency import ASSUMED_MFU
 
 FLOORS = {"train": 16, "eval": 16, "generate": 4}
-# Study-level figures, measured on a whole quick study (2026-11-30, `bash scripts/run_main.sh`, 2-core AMD EPYC,
-# AVX-512 BF16 class, bf16): model FLOPs / (wall time x measured peak) = 41% (efficiency.ASSUMED_MFU, the
-# progress view's first ETA uses the same figure); a stage's time beyond its own runtime (model load,
-# tokenizing, writing results) 0.3-1.2 s, so 2 s per stage leaves a margin.
+# Study-level figures, measured on whole quick studies (2026-11-30, `bash scripts/run_main.sh`, 2-core AMD EPYC):
+# model FLOPs / (wall time x measured peak) = 41% and 45% in bf16 (AVX-512 BF16 class; efficiency.ASSUMED_MFU,
+# which the progress view's first ETA uses too) and 57% in fp32 (AVX2 class, emulated); the fp32 estimate keeps a
+# margin below its one measurement. A stage's time beyond its own runtime (model load, tokenizing, writing
+# results) was 0.3-1.2 s, so 2 s per stage leaves a margin.
 EXPECTED_MFU = ASSUMED_MFU
+EXPECTED_MFU_BY_PRECISION = {"bf16": ASSUMED_MFU, "fp32": 0.5}
 STAGE_OVERHEAD_S = 2.0
 FIT_STEPS = 6  # bisection steps after the two ends: the factor to within (1 - floor) / 64
 DURATION_FORMS = "30m, 45min, 1h, 1h30m or 90s"
@@ -142,9 +144,14 @@ class Estimate:
         return max(self.rows.items(), key=lambda item: item[1], default=("-", 0.0))
 
 
-def row_seconds(flops: dict[str, float], stages: int, peak_gflops: float) -> float:
+def expected_mfu(precision: str) -> float:
+    """The study-level MFU a study in `precision` (bf16 / fp32) is planned with."""
+    return EXPECTED_MFU_BY_PRECISION.get(precision, EXPECTED_MFU)
+
+
+def row_seconds(flops: dict[str, float], stages: int, peak_gflops: float, mfu: float = EXPECTED_MFU) -> float:
     """A row's estimated time from its planned FLOPs ({train, scoring, generation}) and its stage count."""
-    return sum(flops.values()) / (peak_gflops * 1e9 * EXPECTED_MFU) + stages * STAGE_OVERHEAD_S
+    return sum(flops.values()) / (peak_gflops * 1e9 * mfu) + stages * STAGE_OVERHEAD_S
 
 
 def fit(estimate: Callable[[float], Estimate], budget_seconds: float, lowest: float) -> tuple[float, Estimate]:
@@ -199,7 +206,8 @@ def describe(record: dict[str, Any], scale: str | None) -> str:
     base = f"the {scale} scale" if scale else "the spec"
     factor = f"{base} as it is" if record["factor"] >= 1.0 else f"{record['factor']:.2f} x {base}"
     return (f"Sized by --budget {duration_label(record['seconds'])} on this machine ({record['precision']} peak "
-            f"{_gflops(record['peak_gflops'])} GFLOP/s, an expected {EXPECTED_MFU:.0%} MFU): {factor}: "
+            f"{_gflops(record['peak_gflops'])} GFLOP/s, an expected {record.get('expected_mfu', EXPECTED_MFU):.0%} MFU): "
+            f"{factor}: "
             f"{describe_sizes(record['sizes'])}; estimated {format_duration(record['estimated_seconds'])}.")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.study.budget import (EXPECTED_MFU, STAGE_OVERHEAD_S, Estimate, describe, describe_sizes,
-                                  duration_label, fit, floor_factor, parse_duration, row_seconds, shrink, sizes,
-                                  with_sizes)
+                                  duration_label, expected_mfu, fit, floor_factor, parse_duration, row_seconds, shrink,
+                                  sizes, with_sizes)
 
 
 def resolve(budget_text: str | None, spec, scale: str | None, study_dir: Path, plan: dict[str, Any],
@@ -74,11 +74,12 @@ def fit_sizes(settled, seconds: int, study_dir: Path, row_ids: list[int] | None,
     shape, tokenizer = calibrate.model_shape(cfg.get("model_name_or_path"))
     precision = calibrate.study_precision(cfg)
     peak = calibrate.measure_peak(precision)
-    planner = Planner(settled, study_dir, row_ids, devices, shape, tokenizer, peak)
+    mfu = expected_mfu(precision)
+    planner = Planner(settled, study_dir, row_ids, devices, shape, tokenizer, peak, mfu)
     factor, estimate = fit(planner, seconds, floor_factor(planner.full))
     return {"seconds": seconds, "factor": round(factor, 4), "estimated_seconds": round(estimate.seconds, 1),
             "peak_gflops": peak, "precision": precision, "devices": devices,
-            "expected_mfu": EXPECTED_MFU, "stage_overhead_s": STAGE_OVERHEAD_S, "sizes": shrink(planner.full, factor)}
+            "expected_mfu": mfu, "stage_overhead_s": STAGE_OVERHEAD_S, "sizes": shrink(planner.full, factor)}
 
 
 class Planner:
@@ -87,9 +88,9 @@ class Planner:
     and token counts are shared across sizes (calibrate.plan_rows's cache)."""
 
     def __init__(self, settled, study_dir: Path, row_ids: list[int] | None, devices: int, shape, tokenizer,
-                 peak_gflops: float):
+                 peak_gflops: float, mfu: float = EXPECTED_MFU):
         self.settled, self.study_dir, self.row_ids, self.devices = settled, study_dir, row_ids, devices
-        self.shape, self.tokenizer, self.peak_gflops = shape, tokenizer, peak_gflops
+        self.shape, self.tokenizer, self.peak_gflops, self.mfu = shape, tokenizer, peak_gflops, mfu
         self.full = sizes(settled)
         self.estimates: dict[str, Estimate] = {}
         self.tokens: dict[str, Any] = {}
@@ -108,5 +109,5 @@ class Planner:
         plans = expand(with_sizes(self.settled, chosen), None, self.study_dir)
         plans = select_rows(plans, self.row_ids) if self.row_ids else plans
         planned = plan_rows(plans, self.shape, self.tokenizer, cache=self.tokens)
-        return Estimate({p.dir: row_seconds(planned[p.dir]["flops"], len(p.stages()), self.peak_gflops)
+        return Estimate({p.dir: row_seconds(planned[p.dir]["flops"], len(p.stages()), self.peak_gflops, self.mfu)
                          for p in plans}, self.devices)
