@@ -122,12 +122,19 @@ def _has_dropout(config, modules: list[nn.Module]) -> bool:
     return any(r > 0 for r in rates + dropouts)
 
 
+def cache_switched_on(cache_lower_layers: bool, torch_compile: Any, deepspeed: Any, fsdp: Any) -> bool:
+    """Whether the options let the cache run at all (--cache_lower_layers, and no torch.compile, DeepSpeed or
+    FSDP, whose engines own the parameters and graphs); the study's planning asks the same question."""
+    return bool(cache_lower_layers) and not (torch_compile or deepspeed or fsdp)
+
+
 def lower_layer_cache(model: nn.Module, method: Any, args) -> contextlib.AbstractContextManager:
     """The call site's one line: cached lower layers for this model and method when they apply and
     `--cache_lower_layers` is on (not under torch.compile, DeepSpeed or FSDP, whose engines own the
     parameters and graphs); otherwise a no-op. Yields the store or None."""
     training = args.training
-    if not args.finetune.cache_lower_layers or training.torch_compile or training.deepspeed or training.fsdp:
+    if not cache_switched_on(args.finetune.cache_lower_layers, training.torch_compile, training.deepspeed,
+                             training.fsdp):
         return contextlib.nullcontext()
     k = lowest_trainable_layer(model, method)
     if k is None:

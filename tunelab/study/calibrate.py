@@ -192,12 +192,13 @@ def plan_rows(plans, shape: ModelShape, tokenizer, cache: dict[str, Any] | None 
 
 def _lower_layers_cached(ft, lowest: int, train: dict[str, Any]) -> bool:
     """Whether the row's training and likelihood passes run on cached layer-`lowest` inputs (layer_cache.py:
-    LoRA/Freeze above layer 0, the cache on, no step budget that would make epochs meaningless here)."""
-    from tunelab.layer_cache import CACHED_METHODS
+    LoRA/Freeze above layer 0, the cache switched on, no step budget that would make epochs meaningless here)."""
+    from tunelab.layer_cache import CACHED_METHODS, cache_switched_on
 
     steps = train.get("max_steps")
-    return (ft.finetuning_type in CACHED_METHODS and lowest > 0 and ft.cache_lower_layers
-            and not (steps and int(steps) > 0) and not train.get("torch_compile"))
+    return (ft.finetuning_type in CACHED_METHODS and lowest > 0 and not (steps and int(steps) > 0)
+            and cache_switched_on(ft.cache_lower_layers, train.get("torch_compile"), train.get("deepspeed"),
+                                  train.get("fsdp")))
 
 
 def _planned_trainable(f, shape: ModelShape) -> tuple[int, int]:
