@@ -1,16 +1,20 @@
-"""Generation throughput: greedy answers to 100 alpaca_gpt4_en prompts, batch 1 against the default batch.
+"""Generation throughput: greedy answers to 100 alpaca_gpt4_en prompts, fixed batches against tunelab's default.
 
-    python -m bench.generate                  # 100 prompts, <= 64 new tokens, batch 1 vs 8 (~2.5 min, 2 cores)
-    python -m bench.generate --ab             # also without casting the weights once (autocast per call)
+    python -m bench.generate                  # 100 prompts, <= 64 new tokens, batch 8 vs auto (~2 min, 2 cores)
+    python -m bench.generate --ab             # also: auto with one prefill forward; autocast per call
     python -m bench.generate --quick          # 16 prompts, 32 new tokens
-    python -m bench.generate --batch-sizes 1,8,16 --max-new-tokens 128
+    python -m bench.generate --batch-sizes 1,8,16,auto --max-new-tokens 128 --emulate avx2 --fp32
+
+`auto` is tunelab's default generation batch (--generation_batch_tokens: as many prompts as keep the
+batch's KV cache within budget, prompts prefilled in chunks, tunelab/prefill.py); a number is that many
+prompts per batch (--generation_batch_tokens 0 --per_device_eval_batch_size N).
 
 Each batch size runs in its own subprocess through tunelab's own eval path: prompts from
 `tunelab.preprocess.build_dataset(..., "eval")` (the model's chat template), `tunelab.generation` greedy
 kwargs, `generate_batched` (length-sorted, left-padded batches with a KV cache) under the precision
 `tunelab eval` resolves (bf16 autocast on CPUs with fast bf16). Printed per batch size: samples/s, new
-tokens/s (each answer re-tokenized, eos excluded), peak RSS, the speed-up over batch 1, and how many
-answers are identical to batch 1's (greedy answers can differ by float noise of the padded batch).
+tokens/s (each answer re-tokenized, eos excluded), peak RSS, the speed-up over the first row, and how many
+answers are identical to the first row's (bf16 answers can differ by float noise of the padded batch).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from bench.common import DEFAULT_OUT, REPO, emit, machine, peak_rss_mb, run_work
 def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from tunelab.generation import generate_batched, generation_kwargs
+    from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
     from tunelab.hparams import parse_args
     from tunelab.model import load_model_and_tokenizer
     from tunelab.preprocess import build_dataset
@@ -45,10 +49,13 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     tokenizer.padding_side = "left"
     prompts = list(build_dataset(args.data, tokenizer, "eval")["input_ids"])
     kwargs = generation_kwargs(args.generation, tokenizer)
+    auto = cfg["batch"] == "auto"
     start = time.perf_counter()
     with autocast(args):
-        answers = generate_batched(model, tokenizer, prompts, kwargs, batch_size=cfg["batch"], progress=False,
-                                   cast_weights_once=cfg.get("cast_weights_once", True))
+        answers = generate_batched(model, tokenizer, prompts, kwargs, batch_size=1 if auto else cfg["batch"],
+                                   progress=False, cast_weights_once=cfg.get("cast_weights_once", True),
+                                   max_batch_tokens=batch_tokens(model, None) if auto else None,
+                                   **({} if cfg.get("chunked_prefill", True) else {"prefill_chunk_tokens": None}))
     seconds = time.perf_counter() - start
     new_tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers)
     return {"seconds": seconds, "samples": len(prompts), "new_tokens": new_tokens, "answers": answers,
@@ -67,11 +74,11 @@ def worker(cfg: dict[str, Any]) -> None:
 def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
     print(f"\n{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; greedy, "
           f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
-    head = f"{'batch':>6}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x batch 1':>11}" \
-           f"{'same as b1':>12}" \
+    head = f"{'batch':>6}{'prefill':>9}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x row 1':>9}" \
+           f"{'same as 1':>11}" \
            f"{'RSS MB':>8}{'probe':>7}"
     print(head + "\n" + "-" * len(head))
-    one = next((r for r in results if r["batch"] == 1 and r["cast_weights_once"] and "error" not in r), None)
+    one = next((r for r in results if "error" not in r), None)
     for r in results:
         if "error" in r:
             print(f"{r['batch']:>6} ERROR {r['error']}\n{r['log_tail']}")
@@ -80,8 +87,9 @@ def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
         speed = (r["new_tokens"] / r["seconds"]) / (one["new_tokens"] / one["seconds"]) if one else float("nan")
         same_text = f"{same}/{r['samples']}"
         cast = "once" if r["cast_weights_once"] else "call"
-        print(f"{r['batch']:>6}{cast:>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
-              f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>11.2f}{same_text:>12}"
+        prefill = "chunks" if r["batch"] == "auto" and r.get("chunked_prefill", True) else "one"
+        print(f"{r['batch']:>6}{prefill:>9}{cast:>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
+              f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>9.2f}{same_text:>11}"
               f"{r['peak_rss_mb']:>8.0f}{sum(r['probe_gflops']) / 2:>7.0f}")
 
 
@@ -90,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="16 prompts, 32 new tokens")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="1,8", help="comma list; 8 is tunelab's default eval batch")
-    parser.add_argument("--ab", action="store_true",
-                        help="also run every batch size without casting the weights once (autocast per call)")
+    parser.add_argument("--batch-sizes", default="8,auto",
+                        help="comma list of prompts per batch, or auto: tunelab's default (KV-cache budget)")
+    parser.add_argument("--ab", action="store_true", help="also run auto with one prefill forward per batch, and "
+                        "every batch size without casting the weights once (autocast per call)")
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of the resolved precision (bf16 autocast)")
     parser.add_argument("--emulate", help="measure as a CPU of this class on a bigger one: avx2 (tunelab/cpu.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -109,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.max_new_tokens = min(args.samples, 16), min(args.max_new_tokens, 32)
     info = machine()
     results = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for once in ((True, False) if args.ab else (True,)):
+    for batch in (b if b == "auto" else int(b) for b in args.batch_sizes.split(",")):
+        variants = [(True, True)] + ([(True, False)] if args.ab and batch == "auto" else []) \
+            + ([(False, True)] if args.ab else [])
+        for once, chunked in variants:
             cfg = {"batch": batch, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                   "cast_weights_once": once, "fp32": args.fp32}
+                   "cast_weights_once": once, "chunked_prefill": chunked, "fp32": args.fp32}
             results.append(run_worker("bench.generate", cfg, env={"TUNELAB_ALLOCATOR": "tcmalloc"}))
             r = results[-1]
-            print(f"  batch {batch}{'' if once else ' (autocast per call)'}: "
+            print(f"  batch {batch}{'' if once else ' (autocast per call)'}{'' if chunked else ' (one prefill)'}: "
                   + (f"{r['seconds']:.1f} s" if "error" not in r else r["error"]), flush=True)
     print_table(results, info)
     stamp = time.strftime("%Y%m%d-%H%M%S")

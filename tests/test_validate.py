@@ -16,7 +16,7 @@ OUTSIDE = {
     "max_samples": 0, "max_source_length": 0, "max_target_length": -1, "preprocessing_num_workers": 0,
     "lora_rank": 0, "lora_alpha": 0.0, "lora_dropout": 1.0, "pre_seq_len": 0, "num_layer_trainable": 0,
     "top_k": -1, "num_beams": 0, "max_new_tokens": 0, "max_length": 0, "repetition_penalty": 0.0,
-    "max_generate_samples": 0, "likelihood_topk": 0, "per_device_train_batch_size": 0,
+    "max_generate_samples": 0, "generation_batch_tokens": -1, "likelihood_topk": 0, "per_device_train_batch_size": 0,
     "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0, "eval_accumulation_steps": 0,
     "learning_rate": math.nan, "num_train_epochs": -1.0, "max_steps": 0, "logging_steps": 0.0,
     "save_steps": 1.5, "eval_steps": -1.0, "warmup_steps": math.inf, "weight_decay": -0.1,

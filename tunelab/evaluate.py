@@ -95,7 +95,7 @@ def generation_subset(n: int, limit: int | None) -> list[int]:
 
 def predict(model, tokenizer, dataset, args: Args) -> list[str]:
     """The generated answer to every sample, in data-set order (each rank generates its shard)."""
-    from tunelab.generation import generate_batched, generation_kwargs
+    from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
     kwargs = generation_kwargs(args.generation, tokenizer)
@@ -103,7 +103,8 @@ def predict(model, tokenizer, dataset, args: Args) -> list[str]:
     mine = [prompts[i] for i in distributed.my_shard(len(prompts))]
     with autocast(args):
         answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
-                                   seed=args.training.seed, progress=distributed.is_main())
+                                   seed=args.training.seed, progress=distributed.is_main(),
+                                   max_batch_tokens=batch_tokens(model, args.generation.generation_batch_tokens))
     return distributed.gather_in_order(answers, len(prompts))
 
 

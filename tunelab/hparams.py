@@ -148,6 +148,11 @@ class GenerationArguments:
     max_new_tokens: int = _opt(256, "Max generated tokens per sample.")
     max_length: int | None = _opt(None, "Max total tokens (prompt + generated); overrides max_new_tokens when set.")
     repetition_penalty: float = _opt(1.0, "Repetition penalty (1.0 = none).")
+    generation_batch_tokens: int | None = _opt(
+        None, "Generation batches: prompts longest first, as many per batch as keep rows x (longest prompt + "
+        "max new tokens), the KV cache the batch holds, within N tokens (a decoding step costs about one read of "
+        "the weights, so large batches are faster). Default: as many tokens as fit 1 GiB of KV cache, at most "
+        "16384. 0: --per_device_eval_batch_size prompts per batch.")
     compare_base: bool = _opt(False, "Also score the base model on the same samples; write retention.json.")
     max_generate_samples: int | None = _opt(
         None, "Generate answers (for BLEU/ROUGE) for at most N evenly spaced eval samples; likelihood (nll, kl) "

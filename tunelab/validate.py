@@ -73,6 +73,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("max_length", at_least(1), "an integer >= 1"),
     ("repetition_penalty", positive, "a number > 0 (1.0 = none)"),
     ("max_generate_samples", at_least(1), "an integer >= 1"),
+    ("generation_batch_tokens", at_least(0), "an integer >= 0 (0: --per_device_eval_batch_size prompts per batch)"),
     ("likelihood_topk", at_least(1), "an integer >= 1"),
     # HF training fields users set most
     ("per_device_train_batch_size", at_least(1), "an integer >= 1"),

@@ -1,0 +1,126 @@
+"""Chunked prefill (tunelab/prefill.py): generation from a cache built chunk by chunk gives exactly the tokens
+of HF's own prefill and of repeated full forward passes (fp32, tiny models); it steps aside where it does not
+apply; generation batches by KV-cache token budget (tunelab.generation.plan_batches)."""
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunelab import generation, prefill
+from tunelab.generation import generate_batched, generation_kwargs, plan_batches
+from tunelab.hparams import GenerationArguments
+
+from tests.test_generation import greedy_reference
+
+TEXTS = ["Hi", "The quick brown fox jumps over the lazy dog. Eat well and sleep", "问：答：",
+         "Give three tips for staying healthy.", "凉宫春日的忧郁", "A much longer prompt, so that chunks of similar "
+         "length differ from the longest one by many tokens"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _model(path):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS] + [[tokenizer.convert_tokens_to_ids("a")]]
+    assert len({len(p) for p in prompts}) == len(prompts) and min(map(len, prompts)) == 1
+    return prompts
+
+
+def _generate(model, tokenizer, prompts, chunk_tokens, monkeypatch, calls=None, **gen):
+    """One budgeted batch (every prompt), prefilled in chunks of `chunk_tokens`; `calls` counts the chunks."""
+    if calls is not None:
+        real = prefill._forward_cache
+        monkeypatch.setattr(prefill, "_forward_cache", lambda *a: calls.append(a[1].shape) or real(*a))
+    kwargs = generation_kwargs(GenerationArguments(max_new_tokens=10, **gen), tokenizer)
+    return generate_batched(model, tokenizer, prompts, kwargs, batch_size=1, progress=False, max_batch_tokens=10**6,
+                            seed=0, prefill_chunk_tokens=chunk_tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_chunked_prefill_equals_hf_prefill_and_full_forward(tiny_model_factory, tiny_tokenizer, arch, monkeypatch):
+    model = _model(tiny_model_factory(arch))
+    prompts = _prompts(tiny_tokenizer)
+    calls = []
+    chunked = _generate(model, tiny_tokenizer, prompts, 24, monkeypatch, calls)
+    assert len(calls) >= 3  # several chunks ran (the one-token prompt's chunk needs no forward)
+    whole = _generate(model, tiny_tokenizer, prompts, None, monkeypatch)  # HF's own prefill
+    assert chunked == whole
+    eos = [tiny_tokenizer.eos_token_id]
+    reference = [tiny_tokenizer.decode(greedy_reference(model, p, 10, eos), skip_special_tokens=True).strip()
+                 for p in prompts]
+    assert chunked == reference and any(reference)
+
+
+def test_lora_model_and_sampling(tiny_llama_dir, tiny_tokenizer, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = _prompts(tiny_tokenizer)
+    calls = []
+    assert _generate(model, tiny_tokenizer, prompts, 24, monkeypatch, calls) == \
+        _generate(model, tiny_tokenizer, prompts, None, monkeypatch)
+    assert calls
+    sampled = [_generate(model, tiny_tokenizer, prompts, chunk, monkeypatch, do_sample=True, top_k=0, top_p=1.0)
+               for chunk in (24, None)]  # the same seed draws the same numbers over the same logits
+    assert sampled[0] == sampled[1]
+
+
+def test_steps_aside_where_it_does_not_apply(tiny_llama_dir, tiny_tokenizer):
+    from tunelab.prefix import PrefixModel
+
+    model = _model(tiny_llama_dir)
+    assert prefill.applies(model, {"num_beams": 1})
+    assert not prefill.applies(model, {"num_beams": 2})
+    assert not prefill.applies(model, {"num_return_sequences": 3})
+    assert not prefill.applies(PrefixModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), pre_seq_len=2), {})
+    assert not prefill.applies(torch.nn.Linear(2, 2), {})  # not an HF model
+    ids = torch.tensor([[0, 5, 6], [0, 0, 7]])
+    mask = (ids != 0).long()
+    assert prefill.chunked_prefill(model, ids, mask, 10**6) is None  # one chunk: nothing to gain
+    assert prefill.chunked_prefill(model, ids.flip(0), mask.flip(0), 2) is None  # not longest first
+
+
+def test_chunk_rows():
+    assert prefill.chunk_rows([5, 4, 4, 2, 1], 10) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert prefill.chunk_rows([30, 2], 10) == [range(0, 1), range(1, 2)]  # a row wider than the budget: alone
+    assert prefill.chunk_rows([3], 10) == [range(0, 1)]
+
+
+def test_plan_batches_by_rows_or_kv_cache_tokens():
+    lens, budgets = [9, 7, 5, 3, 1], [4, 4, 4, 4, 4]
+    order = [0, 1, 2, 3, 4]
+    assert plan_batches(order, lens, budgets, 2) == [[0, 1], [2, 3], [4]]
+    # rows x (longest prompt + new tokens) <= 30: 2 x 13, then 3 x 9 fits (and a 4th would not), then 1 row
+    assert plan_batches(order, lens, budgets, 2, max_batch_tokens=30) == [[0, 1], [2, 3, 4]]
+    assert plan_batches(order, lens, budgets, 2, max_batch_tokens=5) == [[0], [1], [2], [3], [4]]  # >= 1 row
+    assert plan_batches([], [], [], 2, max_batch_tokens=30) == []
+
+
+def test_batch_tokens_default_fits_the_kv_cache_budget(tiny_llama_dir, monkeypatch):
+    from tunelab.prefix import kv_shape
+
+    model = _model(tiny_llama_dir)
+    assert generation.batch_tokens(model, 0) is None  # 0: a fixed number of rows
+    assert generation.batch_tokens(model, 500) == 500
+    assert generation.batch_tokens(model, None) == generation.MAX_BATCH_TOKENS  # a tiny model's cache is small
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    per_token = layers * 2 * kv_heads * head_dim * 4  # fp32 weights
+    monkeypatch.setattr(generation, "KV_CACHE_BUDGET_BYTES", 100 * per_token + 1)
+    assert generation.batch_tokens(model, None) == 100
+    assert generation.batch_tokens(model.to(torch.bfloat16), None) == 200
+    model.to(torch.float32)
