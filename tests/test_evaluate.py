@@ -245,3 +245,27 @@ def test_a_full_checkpoint_drifts_from_its_recorded_base(tiny_llama_dir, tiny_da
     ckpt = _train(tiny_llama_dir, tiny_data_dir, tmp_path / "train", "full")
     results = run(parse_args(_predict_argv(tiny_data_dir, tmp_path / "eval", "--checkpoint_dir", str(ckpt))))
     assert results["predict_kl"] > 1e-4
+
+
+@pytest.mark.parametrize("method", [None, "lora"])
+def test_predict_shares_the_prompts_forward_with_the_likelihood_pass(tiny_llama_dir, tiny_data_dir, tmp_path,
+                                                                     monkeypatch, method):
+    """Predictions and scores are those of predict without sharing (fp32); with sharing, generation ran no
+    prompt forward of its own (every prompt's keys/values came from the likelihood or base pass)."""
+    from tunelab import evaluate, prefill
+
+    extra = ["--checkpoint_dir", str(_train(tiny_llama_dir, tiny_data_dir, tmp_path / "t", method))] if method else []
+    argv = [*_predict_argv(tiny_data_dir, tmp_path / "a", *extra), "--model_name_or_path", str(tiny_llama_dir)]
+    stacked = []
+    real = prefill.stacked_cache
+    monkeypatch.setattr(prefill, "stacked_cache", lambda m, pieces, w: stacked.append(len(pieces)) or real(m, pieces, w))
+    shared = run(parse_args(argv))
+    assert sum(stacked) == 5  # all five prompts decoded on from the pass's keys/values
+    monkeypatch.setattr(evaluate, "shared_prompts", lambda *a: None)
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "fresh_cache"))  # the base pass runs again too
+    argv[argv.index(str(tmp_path / "a"))] = str(tmp_path / "b")
+    alone = run(parse_args(argv))
+    for key in ("predict_nll", "predict_kl", "predict_bleu-4", "predict_rouge-l"):
+        assert shared[key] == pytest.approx(alone[key], abs=1e-5), key
+    assert (tmp_path / "a" / "generated_predictions.jsonl").read_text() == \
+        (tmp_path / "b" / "generated_predictions.jsonl").read_text()

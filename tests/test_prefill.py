@@ -124,3 +124,66 @@ def test_batch_tokens_default_fits_the_kv_cache_budget(tiny_llama_dir, monkeypat
     assert generation.batch_tokens(model, None) == 100
     assert generation.batch_tokens(model.to(torch.bfloat16), None) == 200
     model.to(torch.float32)
+
+
+def _first_forward_widths(model):
+    """Input widths of the model's forwards (a hook), to see which tokens generation ran."""
+    widths = []
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = target.register_forward_pre_hook(lambda m, a, kw: widths.append((kw.get("input_ids") if kw.get(
+        "input_ids") is not None else a[0]).shape[1]), with_kwargs=True)
+    return widths, handle
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_likelihood_pass_prompt_cache_serves_generation(tiny_llama_dir, tiny_tokenizer, lora):
+    """Likelihood pass over prompt + reference keeps each prompt's keys/values; generation from them gives the
+    tokens of generation from scratch, runs one column per step (no prefill), and scores are unchanged."""
+    from tunelab.likelihood import score_rows
+
+    model = _model(tiny_llama_dir)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompts = _prompts(tiny_tokenizer)[:-1]
+    answers = [tiny_tokenizer(f" answer {i} " * (i + 1))["input_ids"] for i in range(len(prompts))]
+    rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(prompts, answers)]
+    cache = prefill.PromptCache({i: len(p) for i, p in enumerate(prompts) if i != 2}, 1 << 30)  # 2 not wanted
+    with torch.inference_mode():
+        plain, _ = score_rows(model, rows, tiny_tokenizer, 2)
+        shared, _ = score_rows(model, rows, tiny_tokenizer, 2, prompt_cache=cache)
+    assert torch.allclose(plain.nll_sum, shared.nll_sum, atol=1e-5)
+    kwargs = generation_kwargs(GenerationArguments(max_new_tokens=8), tiny_tokenizer)
+    wanted = [i for i in range(len(prompts)) if i != 2]
+    scratch = generate_batched(model, tiny_tokenizer, [prompts[i] for i in wanted], kwargs, progress=False,
+                               max_batch_tokens=10**6)
+    widths, handle = _first_forward_widths(model)
+    try:
+        from_cache = generate_batched(model, tiny_tokenizer, [prompts[i] for i in wanted], kwargs, progress=False,
+                                      max_batch_tokens=10**6, prompt_cache=cache.view(wanted))
+    finally:
+        handle.remove()
+    assert from_cache == scratch and any(scratch)
+    assert set(widths) == {1}  # every forward ran one column: the prompts came from the pass
+    assert all(cache.take(i) is None for i in range(len(prompts)))  # taken (freed) by generation
+
+
+def test_prompt_cache_budget_and_fallback(tiny_llama_dir, tiny_tokenizer):
+    """Past max_bytes (checked before each batch) no more prompts are kept; a batch with a row missing prefills as usual, same answers."""
+    from tunelab.likelihood import score_rows
+
+    model = _model(tiny_llama_dir)
+    prompts = _prompts(tiny_tokenizer)[:4]
+    rows = [{"input_ids": p + [5, 6], "labels": [-100] * len(p) + [5, 6]} for p in prompts]
+    cache = prefill.PromptCache({i: len(p) for i, p in enumerate(prompts)}, max_bytes=1)
+    with torch.inference_mode():
+        score_rows(model, rows, tiny_tokenizer, 1, prompt_cache=cache)  # checked before each batch
+    kept = [i for i in range(4) if cache.view(list(range(4))).prompt_len(i) is None]
+    assert len(kept) == 4 and sum(cache._store.get(i) is not None for i in range(4)) == 1  # the first, then full
+    kwargs = generation_kwargs(GenerationArguments(max_new_tokens=6), tiny_tokenizer)
+    assert generate_batched(model, tiny_tokenizer, prompts, kwargs, progress=False, max_batch_tokens=10**6,
+                            prompt_cache=cache) == \
+        generate_batched(model, tiny_tokenizer, prompts, kwargs, progress=False, max_batch_tokens=10**6)

@@ -14,7 +14,10 @@ The method, targets, template and source_prefix of a checkpoint are read from it
 
 Order of work: the base model's pass (per-sample NLL + top-k log-probs, cached per base model and data,
 tunelab/retention.py) runs on the base model before the checkpoints are applied; then the evaluated
-model's likelihood pass (KL against those log-probs), then generation for the chosen subset.
+model's likelihood pass (KL against those log-probs), then generation for the chosen subset. The prompts'
+forward runs once: the likelihood pass over prompt + reference keeps the generated samples' prompt keys/values
+(tunelab.prefill.PromptCache; on the base model itself that pass is the base pass) and generation decodes on
+from them -- except where cached lower layers make the pass cheaper than sharing (tunelab/layer_cache.py).
 
 Under `torchrun` / `accelerate launch` every rank loads the model, scores its share of the samples
 (tunelab/distributed.py) and the answers are gathered back in data-set order; only rank 0 writes.
@@ -39,14 +42,32 @@ from tunelab.setup import (apply_checkpoints, autocast, check_model_options, dec
 logger = logging.getLogger(__name__)
 
 
-def sample_likelihoods(model, dataset, tokenizer, args: Args, base=None, topk: int = 0):
+def sample_likelihoods(model, dataset, tokenizer, args: Args, base=None, topk: int = 0, prompt_cache=None):
     """(Scores, BaseTopK or None) of every sample in data-set order (tunelab/likelihood.py): each rank scores
-    its shard in one teacher-forced pass over the full sequences; the shards are gathered in order."""
+    its shard in one teacher-forced pass over the full sequences; the shards are gathered in order. The pass
+    keeps the prompt keys/values `prompt_cache` asks for (shared_prompts)."""
     from tunelab.likelihood import score_in_shards
 
     rows = [{"input_ids": r["full_input_ids"], "labels": r["full_labels"]} for r in dataset]
     return score_in_shards(model, rows, tokenizer, args.training.per_device_eval_batch_size, _scoring(args), base,
-                           topk)
+                           topk, prompt_cache)
+
+
+def shared_prompts(model, dataset, tokenizer, args: Args, generate: bool):
+    """A tunelab.prefill.PromptCache (sample index -> prompt length) for the likelihood pass to fill and the
+    generation that follows to use: the samples to be generated whose prompt starts their scored sequence, on
+    a model the prefilled cache applies to; None otherwise. So the prompt's forward runs once, in the pass."""
+    from tunelab import prefill
+    from tunelab.generation import KV_CACHE_BUDGET_BYTES, generation_kwargs
+
+    if not generate or not prefill.applies(model, generation_kwargs(args.generation, tokenizer)):
+        return None
+    wanted = {}
+    for i in generation_subset(len(dataset), args.generation.max_generate_samples):
+        prompt, full = dataset[i]["input_ids"], dataset[i]["full_input_ids"]
+        if len(prompt) > 1 and full[:len(prompt)] == prompt:
+            wanted[i] = len(prompt)
+    return prefill.PromptCache(wanted, KV_CACHE_BUDGET_BYTES) if wanted else None
 
 
 @contextlib.contextmanager
@@ -58,10 +79,10 @@ def _scoring(args: Args):
         yield
 
 
-def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device):
+def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device, prompt_cache=None):
     """The base model's per-sample NLL and top-k log-probs on `dataset` (BaseTopK), from the cache or computed
     once (retention.base_likelihood). `model` is the base model before any checkpoint is applied, so the base
-    pass runs on it and no second model is loaded; a full checkpoint is itself the loaded model, so its
+    pass runs on it (keeping the prompt keys/values `prompt_cache` asks for) and no second model is loaded; a full checkpoint is itself the loaded model, so its
     recorded base is loaded for the pass and freed after it. None when that base is unknown."""
     from tunelab.methods import read_method
     from tunelab.retention import base_likelihood
@@ -81,7 +102,8 @@ def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], da
             return sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1]
     else:
         def compute():
-            return sample_likelihoods(model.to(device).eval(), dataset, tokenizer, args, topk=topk)[1]
+            return sample_likelihoods(model.to(device).eval(), dataset, tokenizer, args, topk=topk,
+                                      prompt_cache=prompt_cache)[1]
     return base_likelihood(args, base_path, dataset, compute)
 
 
@@ -93,8 +115,9 @@ def generation_subset(n: int, limit: int | None) -> list[int]:
     return [(2 * j * n + limit) // (2 * limit) for j in range(limit)]
 
 
-def predict(model, tokenizer, dataset, args: Args) -> list[str]:
-    """The generated answer to every sample, in data-set order (each rank generates its shard)."""
+def predict(model, tokenizer, dataset, args: Args, prompt_cache=None) -> list[str]:
+    """The generated answer to every sample, in data-set order (each rank generates its shard); prompts found in
+    `prompt_cache` (positions = dataset rows) are not run again."""
     from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
@@ -104,7 +127,9 @@ def predict(model, tokenizer, dataset, args: Args) -> list[str]:
     with autocast(args):
         answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
                                    seed=args.training.seed, progress=distributed.is_main(),
-                                   max_batch_tokens=batch_tokens(model, args.generation.generation_batch_tokens))
+                                   max_batch_tokens=batch_tokens(model, args.generation.generation_batch_tokens),
+                                   prompt_cache=None if prompt_cache is None else prompt_cache.view(
+                                       distributed.my_shard(len(prompts))))
     return distributed.gather_in_order(answers, len(prompts))
 
 
@@ -119,10 +144,12 @@ class Scored:
     indices: list[int] | None = None
 
 
-def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_base: bool = False) -> Scored:
+def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_base: bool = False,
+          prompt_cache=None) -> Scored:
     """Per-sample likelihood (nll, and kl against `base`, a BaseTopK of the base model on `dataset`) of every
     sample, and BLEU/ROUGE of the answers generated for the --max_generate_samples subset when `generate`.
-    `is_base`: the model is the base model itself, so kl = 0 (and its nll is `base`'s when given)."""
+    `is_base`: the model is the base model itself, so kl = 0 (and its nll is `base`'s when given).
+    `prompt_cache` (shared_prompts): prompt keys/values the likelihood pass keeps, or kept, for generation."""
     from tunelab import likelihood
     from tunelab.metrics import score_corpus
 
@@ -131,7 +158,8 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
     if is_base and base is not None:
         scores = base.scores()  # the base pass just computed (or cached) these
     else:
-        scores, _ = sample_likelihoods(model, dataset, tokenizer, args, base=None if is_base else base)
+        scores, _ = sample_likelihoods(model, dataset, tokenizer, args, base=None if is_base else base,
+                                       prompt_cache=prompt_cache)
         scores = scores.with_zero_kl() if is_base else scores
         tokens_scored = sum(len(ids) for ids in dataset["full_input_ids"])
     agg = likelihood.aggregate(scores)
@@ -143,7 +171,8 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
         generation_start = time.time()
         scored.indices = generation_subset(len(dataset), args.generation.max_generate_samples)
         subset = dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset
-        scored.predictions = predict(model, tokenizer, subset, args)
+        scored.predictions = predict(model, tokenizer, subset, args,
+                                     None if prompt_cache is None else prompt_cache.view(scored.indices))
         metrics["generation_runtime"] = round(time.time() - generation_start, 3)
         # new tokens, counted by re-encoding the answers (the end token is not in them)
         metrics["tokens_generated"] = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
@@ -201,18 +230,23 @@ def _evaluate(loaded, stage: str, out: Path, device) -> dict[str, Any]:
     args, tokenizer = loaded.args, loaded.tokenizer
     with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
         dataset = build_dataset(args.data, tokenizer, "eval")
-    # the base model's pass runs before the checkpoints apply
+    generate = stage == "predict" or args.training.predict_with_generate
+    # the base model's pass runs before the checkpoints apply; on the base model itself it is the likelihood
+    # pass, and keeps the prompts' keys/values for generation
+    shared = None if loaded.checkpoints else shared_prompts(loaded.model, dataset, tokenizer, args, generate)
     base_start = time.time()
-    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device)
+    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device, shared)
     base_seconds = round(time.time() - base_start, 3)  # ~0 on a cache hit; bench/predict.py reads it
     loaded = apply_checkpoints(loaded)
     # nothing trains here: frozen weights also let the lower-layer cache apply to every method's checkpoint
     # (a loaded Freeze checkpoint's layers would otherwise keep requires_grad from from_pretrained)
     model = loaded.model.to(device).eval().requires_grad_(False)
-    generate = stage == "predict" or args.training.predict_with_generate
-    with lower_layer_cache(model, loaded.method, args):  # the likelihood pass reuses cached lower layers;
-        # generation runs them all
-        scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints)
+    with lower_layer_cache(model, loaded.method, args) as store:  # the likelihood pass reuses cached lower
+        # layers (cheaper than sharing the prompts' forward with generation, which runs them all)
+        if store is None and loaded.checkpoints:
+            shared = shared_prompts(model, dataset, tokenizer, args, generate)
+        scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints,
+                       prompt_cache=shared)
     metrics = {**scored.metrics, "base_pass_runtime": base_seconds}
     main = distributed.is_main()
     if main:

@@ -192,15 +192,19 @@ def cut_at_end(tokens: list[int], end_ids) -> tuple[list[int], bool]:
 
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[int],
-                    kwargs: dict[str, Any], device, prefill_chunk_tokens: int | None) -> list[str]:
+                    kwargs: dict[str, Any], device, prefill_chunk_tokens: int | None,
+                    pieces: list | None = None) -> list[str]:
     from tunelab import prefill
 
     input_ids, mask = _left_pad(prompts, kwargs["pad_token_id"])
     input_ids, mask = input_ids.to(device), mask.to(device)
-    if prefill_chunk_tokens is not None and prefill.applies(model, kwargs):
+    cache = None
+    if pieces is not None and input_ids.shape[1] > 1 and prefill.applies(model, kwargs):
+        cache = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1)  # the likelihood pass's prompt cache
+    elif prefill_chunk_tokens is not None and prefill.applies(model, kwargs):
         cache = prefill.chunked_prefill(model, input_ids, mask, prefill_chunk_tokens)
-        if cache is not None:
-            kwargs = {**kwargs, prefill.generate_cache_kwarg(model): cache}
+    if cache is not None:
+        kwargs = {**kwargs, prefill.generate_cache_kwarg(model): cache}
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(budgets), **kwargs)
     out = getattr(out, "sequences", out)  # a generation_config with return_dict_in_generate
     new_tokens = out[:, input_ids.shape[1]:].tolist()
@@ -225,13 +229,14 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                      batch_size: int = 8, progress: bool = True, seed: int | None = None,
                      autocast_dtype=None, cast_weights_once: bool = True,
                      max_batch_tokens: int | None = None,
-                     prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS) -> list[str]:
+                     prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS, prompt_cache=None) -> list[str]:
     """The decoded answer to each prompt (token ids), in the order given; "" where the prompt alone
     already fills `max_length`. `seed` seeds torch once before the first batch (for sampling). Under
     autocast (`autocast_dtype`, or an autocast block around the call) the linear weights are cast once
     for the whole call (tunelab.speedups.py; same answers, faster decoding). Batches: `batch_size` prompts, or
     with `max_batch_tokens` as many as fit that KV-cache budget (plan_batches); their prompts prefilled in chunks
-    of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own)."""
+    of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own), or
+    taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's."""
     import torch
 
     from tunelab.logs import progress as progress_bar
@@ -258,8 +263,10 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                 linear_weights_cast(model, active_autocast_dtype(device) if cast_weights_once else None):
             lens = [len(p) for p in prompts]
             for batch in plan_batches(order, lens, budgets, batch_size, max_batch_tokens):
+                pieces = [prompt_cache.take(i) for i in batch] if prompt_cache is not None else [None]
                 texts = _generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                        [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens)
+                                        [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens,
+                                        pieces if all(p is not None for p in pieces) else None)
                 for i, text in zip(batch, texts):
                     answers[i] = text
                 bar.update(len(batch))

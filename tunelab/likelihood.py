@@ -164,24 +164,26 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(model, rows: list[dict], tokenizer, batch_size: int, base: BaseTopK | None = None,
-               topk: int = 0) -> tuple[Scores, BaseTopK | None]:
+               topk: int = 0, prompt_cache=None) -> tuple[Scores, BaseTopK | None]:
     """Teacher-forced scores of `rows` ({"input_ids", "labels"}; labels -100 outside the response).
     `base`: the base model's top-k for exactly these rows, in this order -> KL too. `topk` > 0: also return
     this model's own top-k per position (the base pass). Run it under torch.inference_mode and autocast.
     Rows are batched longest first (little padding; an out-of-memory shows on the first batch) and the
-    results come back in the order given."""
+    results come back in the order given. `prompt_cache` (tunelab.prefill.PromptCache, positions = rows): keep
+    the prompt keys/values of the rows it wants, for the generation that follows."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     if base is not None:
         if len(base.tokens) != len(rows):
             raise ValueError(_OTHER_SAMPLES)
         base = base.select(order)
-    scores, top = _score_in_order(model, [rows[i] for i in order], tokenizer, batch_size, base, topk)
+    scores, top = _score_in_order(model, [rows[i] for i in order], tokenizer, batch_size, base, topk,
+                                  None if prompt_cache is None else prompt_cache.view(order))
     back = torch.argsort(torch.tensor(order, dtype=torch.long))
     return scores.select(back), (top.select(back) if top is not None else None)
 
 
 def _score_in_order(model, rows: list[dict], tokenizer, batch_size: int, base: BaseTopK | None,
-                    topk: int) -> tuple[Scores, BaseTopK | None]:
+                    topk: int, prompt_cache=None) -> tuple[Scores, BaseTopK | None]:
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
@@ -195,8 +197,10 @@ def _score_in_order(model, rows: list[dict], tokenizer, batch_size: int, base: B
             tokens, targets = keep.sum(1), batch["labels"][:, 1:][keep[:, :-1]]
             base_part = None if base is None else _base_slice(base, pos, targets)
             pos += len(targets)
-            nll, kl, top = _score_batch(model, {k: v.to(device) for k, v in batch.items()}, keep.to(device),
-                                        base_part, topk)
+            prompts = [None if prompt_cache is None else prompt_cache.prompt_len(start + b) for b in range(len(tokens))]
+            nll, kl, top, cache = _score_batch(model, {k: v.to(device) for k, v in batch.items()}, keep.to(device),
+                                               base_part, topk, keep_cache=any(prompts))
+            _keep_prompts(cache, prompts, start, prompt_cache)
             sample = torch.repeat_interleave(torch.arange(len(tokens)), tokens)  # sample of each kept position
             scores.append(Scores(tokens, _per_sample(nll, sample, len(tokens)),
                                  None if kl is None else _per_sample(kl, sample, len(tokens))))
@@ -221,14 +225,28 @@ def _base_slice(base: BaseTopK, pos: int, targets: torch.Tensor) -> tuple[torch.
     return base.logprobs[pos:end], base.ids[pos:end], base.rest[pos:end]
 
 
+def _keep_prompts(cache, prompt_lens: list[int | None], start: int, prompt_cache) -> None:
+    """Each wanted row's keys/values at its prompt positions but the last (right padding: they come first)."""
+    from tunelab.prefill import plain_dynamic, row_pieces
+
+    if cache is None or not plain_dynamic(cache):
+        return
+    for row, length in enumerate(prompt_lens):
+        if length:
+            prompt_cache.add(start + row, row_pieces(cache, row, range(0, length - 1)))
+
+
 def _per_sample(values: torch.Tensor, sample: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64).index_add_(0, sample, values.double())
 
 
-def _score_batch(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, base, topk: int):
-    """Per kept position: -log q(target) [P], coarse KL [P] (with base), top-k of q (with topk > 0); on CPU."""
+def _score_batch(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, base, topk: int, keep_cache: bool = False):
+    """Per kept position: -log q(target) [P], coarse KL [P] (with base), top-k of q (with topk > 0), on CPU; and
+    the forward's KV cache with `keep_cache` (else None)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [P, V], P = keep.sum()
+    out = model(**inputs, logits_to_keep=keep, use_cache=keep_cache)
+    cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if keep_cache else None
+    logits = out.logits  # [P, V], P = keep.sum()
     logits = logits.reshape(-1, logits.shape[-1])
     targets = batch["labels"][:, 1:][keep[:, :-1]]
     # fp32 log-softmax in chunks of rows: cache-sized on a CPU (as cross_entropy does), 256 MB on an accelerator
@@ -246,7 +264,7 @@ def _score_batch(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, base
     if topk and top_out is None:  # a batch without response tokens
         k = min(topk, logits.shape[-1])
         top_out = (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
-    return _to_cpu(nll), (_to_cpu(kl) if base is not None else None), top_out
+    return _to_cpu(nll), (_to_cpu(kl) if base is not None else None), top_out, cache
 
 
 def _to_cpu(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -294,7 +312,7 @@ def merge_shards(parts: list, n: int):
 
 
 def score_in_shards(model, rows: list[dict], tokenizer, batch_size: int, context: contextlib.AbstractContextManager,
-                    base: BaseTopK | None = None, topk: int = 0) -> tuple[Scores, BaseTopK | None]:
+                    base: BaseTopK | None = None, topk: int = 0, prompt_cache=None) -> tuple[Scores, BaseTopK | None]:
     """score_rows of every row, in data-set order, each rank scoring its share (tunelab/distributed.py) under
     `context` (no grad or inference mode, autocast); `base` holds every row's base log-probs. Collective: every
     rank calls it."""
@@ -303,6 +321,7 @@ def score_in_shards(model, rows: list[dict], tokenizer, batch_size: int, context
     mine = distributed.my_shard(len(rows))
     with context:
         scores, top = score_rows(model, [rows[i] for i in mine], tokenizer, batch_size,
-                                 base=None if base is None else base.select(mine), topk=topk)
+                                 base=None if base is None else base.select(mine), topk=topk,
+                                 prompt_cache=None if prompt_cache is None else prompt_cache.view(mine))
     scores = merge_shards(distributed.all_gather(scores), len(rows))
     return scores, (merge_shards(distributed.all_gather(top), len(rows)) if topk else None)

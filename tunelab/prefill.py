@@ -62,33 +62,94 @@ def chunked_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The dynamic cache of `input_ids[:, :-1]` (a left-padded batch, rows longest first), computed chunk by
     chunk; None when one chunk would cover the batch, or the model's cache is not transformers' plain
     DynamicCache (see the module docstring)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     width = input_ids.shape[1]
-    lengths = attention_mask.sum(1).tolist()
+    lengths = [int(n) for n in attention_mask.sum(1).tolist()]
     if width < 2 or lengths != sorted(lengths, reverse=True):
         return None
     chunks = chunk_rows(lengths, max_chunk_tokens)
     if len(chunks) < 2:
         return None
-    keys: list[list[torch.Tensor]] = []
-    values: list[list[torch.Tensor]] = []
+    pieces: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
     for rows in chunks:
-        chunk_width = max(int(lengths[rows.start]), 1)
+        chunk_width = max(lengths[rows.start], 1)
         cols = slice(width - chunk_width, width - 1)  # the chunk's own columns, without the last one
         ids, mask = input_ids[rows.start:rows.stop, cols], attention_mask[rows.start:rows.stop, cols]
         cache = _forward_cache(model, ids, mask) if ids.shape[1] else None
-        if cache is not None and any(type(layer) is not DynamicLayer for layer in cache.layers):
+        if cache is not None and not plain_dynamic(cache):
             return None
-        for layer in range(_num_layers(model, cache, keys)):
-            if len(keys) <= layer:
-                keys.append([]), values.append([])
-            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if cache is not None else (None, None)
-            keys[layer].append(_left_pad(k, width - 1, rows, keys, layer))
-            values[layer].append(_left_pad(v, width - 1, rows, keys, layer))
-    data = [(torch.cat(k), torch.cat(v)) for k, v in zip(keys, values)]
+        # each row's real tokens are the last (length - 1) columns of its chunk (left padding)
+        pieces += [row_pieces(cache, r - rows.start, range(chunk_width - lengths[r], chunk_width - 1))
+                   if cache is not None else None for r in rows]
+    return stacked_cache(model, pieces, width - 1)
+
+
+def plain_dynamic(cache) -> bool:
+    """Whether every layer of `cache` is transformers' plain DynamicLayer (no sliding window, no states)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def row_pieces(cache, row: int, cols: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One row's keys and values [kv_heads, len(cols), head_dim] at positions `cols`, every layer."""
+    return [(layer.keys[row, :, cols.start:cols.stop], layer.values[row, :, cols.start:cols.stop])
+            for layer in cache.layers]
+
+
+def stacked_cache(model, pieces: list, width: int):
+    """A DynamicCache [rows, kv_heads, width, head_dim] of each row's pieces, right-aligned (left padding:
+    zeros, masked); a row's pieces None or empty: all zeros."""
+    from transformers import DynamicCache
+
+    ref = next(p for p in pieces if p)
+    data = []
+    for layer in range(len(ref)):
+        keys, values = [], []
+        for row in pieces:
+            k, v = row[layer] if row else (ref[layer][0][:, :0], ref[layer][1][:, :0])
+            keys.append(F.pad(k, (0, 0, width - k.shape[1], 0)))
+            values.append(F.pad(v, (0, 0, width - v.shape[1], 0)))
+        data.append((torch.stack(keys), torch.stack(values)))
     return DynamicCache(ddp_cache_data=data, config=model.config)
+
+
+class PromptCache:
+    """Prompt keys/values that a likelihood pass over prompt + reference saves for the generation that follows,
+    so the prompt's forward runs once (tunelab/evaluate.py). A row's keys and values at its prompt positions
+    are the prompt's own (causal attention: they never see the reference after them), except the last prompt
+    token's, which generation runs itself.
+
+    `wanted`: sample index -> prompt length, for the samples that will be generated. `max_bytes` bounds what
+    is kept (past it, the rest are prefilled by generation as usual). `view(indices)` is the same store seen
+    through local positions (a shard, a subset): position j -> sample indices[j]."""
+
+    def __init__(self, wanted: dict[int, int], max_bytes: int, _shared: dict | None = None, _map=None):
+        self.wanted, self.max_bytes = wanted, max_bytes
+        self._shared = {"store": {}, "bytes": 0} if _shared is None else _shared  # one store for all views
+        self._store = self._shared["store"]  # index -> pieces
+        self._map = _map
+
+    def view(self, indices: list[int]) -> PromptCache:
+        index = self._index
+        return PromptCache(self.wanted, self.max_bytes, self._shared, [index(i) for i in indices])
+
+    def _index(self, position: int) -> int:
+        return position if self._map is None else self._map[position]
+
+    def prompt_len(self, position: int) -> int | None:
+        """The prompt length to keep for this row, or None (not generated, already kept, or over budget)."""
+        index = self._index(position)
+        if index in self._store or index not in self.wanted or self._shared["bytes"] >= self.max_bytes:
+            return None
+        return self.wanted[index]
+
+    def add(self, position: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._store[self._index(position)] = [(k.clone(), v.clone()) for k, v in pieces]  # not views of the batch
+        self._shared["bytes"] += sum(t.numel() * t.element_size() for kv in pieces for t in kv)
+
+    def take(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The row's pieces (freed from the store), or None."""
+        return self._store.pop(self._index(position), None)
 
 
 def _forward_cache(model, ids: torch.Tensor, mask: torch.Tensor):
@@ -97,17 +158,4 @@ def _forward_cache(model, ids: torch.Tensor, mask: torch.Tensor):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _num_layers(model, cache, keys) -> int:
-    return len(cache.layers) if cache is not None else len(keys)
-
-
-def _left_pad(kv: torch.Tensor | None, width: int, rows: range, keys, layer: int) -> torch.Tensor:
-    """[rows, heads, w, dim] -> [rows, heads, width, dim], zeros in front (masked slots). A chunk of one-token
-    prompts has no cache: zeros shaped like the other chunks'."""
-    if kv is None:
-        ref = keys[layer][0]
-        return ref.new_zeros(len(rows), ref.shape[1], width, ref.shape[3])
-    return F.pad(kv, (0, 0, width - kv.shape[2], 0))
-
-
-__all__ = ["applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg"]
+__all__ = ["PromptCache", "applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg", "stacked_cache"]
