@@ -14,9 +14,10 @@ autocast a different batch shape rounds differently, so a near-tie can flip a to
 Prompts are sorted longest first into batches (least padding; an out-of-memory shows on batch one): a fixed
 number of rows, or as many as keep the batch's KV cache (rows x (longest prompt + new tokens)) within a token
 budget (`max_batch_tokens`; --generation_batch_tokens). Decoding a step costs about one read of the weights
-whatever the rows, so large batches are much faster on a CPU (100 alpaca prompts, <= 64 new tokens: batch 8
-87.9 s, one budgeted batch 34 s, AVX2 class emulated, fp32; bench/README.md); their prompts are prefilled in
-chunks of similar length (tunelab/prefill.py), so padding to the longest prompt costs no compute (29 s).
+whatever the rows, so large batches are much faster on a CPU; their prompts are prefilled in chunks of similar
+length (tunelab/prefill.py), so padding to the longest prompt costs no compute. 100 alpaca prompts, <= 64 new
+tokens (`python -m bench.generate`, bench/README.md): batch 8 86.7 s, the default 31.0 s on the AVX2 class
+(emulated, fp32); 43.0 s and 17.7 s (20.7 s with one prefill forward) on the AVX-512 BF16 class in bf16.
 Where batching can still matter: sampled answers depend on which batch draws which random numbers (a
 seed makes a run repeatable, not batch-size independent); beam search cut to a shorter per-prompt
 budget is not beam search run with that budget; and HF's repetition_penalty also penalises the padding
