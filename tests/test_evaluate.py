@@ -269,3 +269,5 @@ def test_predict_shares_the_prompts_forward_with_the_likelihood_pass(tiny_llama_
         assert shared[key] == pytest.approx(alone[key], abs=1e-5), key
     assert (tmp_path / "a" / "generated_predictions.jsonl").read_text() == \
         (tmp_path / "b" / "generated_predictions.jsonl").read_text()
+    assert shared["predict_generation_prompt_tokens"] == 5  # each prompt's last token only
+    assert alone["predict_generation_prompt_tokens"] > 5 * 10  # every prompt token

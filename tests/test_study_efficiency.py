@@ -115,6 +115,16 @@ def test_mfu_and_time_split_from_row_files(tmp_path):
     assert study.totals()["scoring"] == 10.0
 
 
+def test_generation_counts_only_the_prompt_tokens_it_ran(tmp_path):
+    """A stage that records generation_prompt_tokens (prompts decoded on from the likelihood pass's keys/values
+    run only their last token) is counted with those, not with every prompt's tokens."""
+    entries = _fixture_study(tmp_path)
+    path = tmp_path / entries[0]["dir"] / "persona/predict_results.json"
+    _write(path, {**json.loads(path.read_text()), "predict_generation_prompt_tokens": 2})
+    base_flops = 2 * (42 * 200 + 5 * 80) + 2 * (42 * (2 + 20) + 5 * 20)
+    assert eff.read_efficiency(tmp_path, entries).rows[0][2] == pytest.approx(base_flops)
+
+
 def test_no_calibration_leaves_flops_unknown_but_splits_time(tmp_path):
     entries = _fixture_study(tmp_path)
     (tmp_path / eff.EFFICIENCY_FILE).unlink()

@@ -6,7 +6,7 @@ the base model; tunelab/likelihood.py) and the 2023 study's BLEU/ROUGE of genera
         --max_samples 100 [--max_generate_samples 48] [--compare_base] [--generation_preset seed2023]
 
 Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss =
-eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples),
+eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples, eval_generation_prompt_tokens),
 likelihood.jsonl (one line per sample: index, tokens, nll, kl), generated_predictions.jsonl for predict
 (index, prompt, predict, label; only the generated subset), and retention.json with --compare_base (also
 printed: base, tuned, delta and noise of every score).
@@ -115,21 +115,25 @@ def generation_subset(n: int, limit: int | None) -> list[int]:
     return [(2 * j * n + limit) // (2 * limit) for j in range(limit)]
 
 
-def predict(model, tokenizer, dataset, args: Args, prompt_cache=None) -> list[str]:
+def predict(model, tokenizer, dataset, args: Args, prompt_cache=None, stats: dict | None = None) -> list[str]:
     """The generated answer to every sample, in data-set order (each rank generates its shard); prompts found in
-    `prompt_cache` (positions = dataset rows) are not run again."""
+    `prompt_cache` (positions = dataset rows) are not run again. `stats["prompt_tokens"]`: the prompt tokens
+    generation ran, all ranks (tunelab.generation.generate_batched)."""
     from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
     kwargs = generation_kwargs(args.generation, tokenizer)
     prompts = list(dataset["input_ids"])
     mine = [prompts[i] for i in distributed.my_shard(len(prompts))]
+    mine_stats: dict[str, int] = {}
     with autocast(args):
         answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
                                    seed=args.training.seed, progress=distributed.is_main(),
                                    max_batch_tokens=batch_tokens(model, args.generation.generation_batch_tokens),
                                    prompt_cache=None if prompt_cache is None else prompt_cache.view(
-                                       distributed.my_shard(len(prompts))))
+                                       distributed.my_shard(len(prompts))), stats=mine_stats)
+    if stats is not None:
+        stats["prompt_tokens"] = sum(s.get("prompt_tokens", 0) for s in distributed.all_gather(mine_stats))
     return distributed.gather_in_order(answers, len(prompts))
 
 
@@ -171,9 +175,12 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
         generation_start = time.time()
         scored.indices = generation_subset(len(dataset), args.generation.max_generate_samples)
         subset = dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset
+        stats: dict[str, int] = {}
         scored.predictions = predict(model, tokenizer, subset, args,
-                                     None if prompt_cache is None else prompt_cache.view(scored.indices))
+                                     None if prompt_cache is None else prompt_cache.view(scored.indices), stats)
         metrics["generation_runtime"] = round(time.time() - generation_start, 3)
+        # prompt tokens generation ran itself (the rest came from the likelihood pass's keys/values)
+        metrics["generation_prompt_tokens"] = stats.get("prompt_tokens", 0)
         # new tokens, counted by re-encoding the answers (the end token is not in them)
         metrics["tokens_generated"] = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
                                           for p in scored.predictions)

@@ -194,14 +194,16 @@ def cut_at_end(tokens: list[int], end_ids) -> tuple[list[int], bool]:
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[int],
                     kwargs: dict[str, Any], device, prefill_chunk_tokens: int | None,
-                    pieces: list | None = None) -> list[str]:
+                    pieces: list | None = None) -> tuple[list[str], int]:
+    """The batch's answers, and the real prompt tokens the model ran for them (1 per row on `pieces`)."""
     from tunelab import prefill
 
     input_ids, mask = _left_pad(prompts, kwargs["pad_token_id"])
     input_ids, mask = input_ids.to(device), mask.to(device)
-    cache = None
+    cache, ran = None, sum(len(p) for p in prompts)
     if pieces is not None and input_ids.shape[1] > 1 and prefill.applies(model, kwargs):
         cache = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1)  # the likelihood pass's prompt cache
+        ran = len(prompts)
     elif prefill_chunk_tokens is not None and prefill.applies(model, kwargs):
         cache = prefill.chunked_prefill(model, input_ids, mask, prefill_chunk_tokens)
     if cache is not None:
@@ -212,7 +214,7 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[in
     eos = _ids(kwargs.get("eos_token_id"))
     # each row up to its own budget, then to its first eos
     return [tokenizer.decode(cut_at_end(row[:budget], eos)[0], skip_special_tokens=True).strip()
-            for row, budget in zip(new_tokens, budgets)]
+            for row, budget in zip(new_tokens, budgets)], ran
 
 
 def _device(model):
@@ -230,14 +232,17 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                      batch_size: int = 8, progress: bool = True, seed: int | None = None,
                      autocast_dtype=None, cast_weights_once: bool = True,
                      max_batch_tokens: int | None = None,
-                     prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS, prompt_cache=None) -> list[str]:
+                     prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS, prompt_cache=None,
+                     stats: dict[str, int] | None = None) -> list[str]:
     """The decoded answer to each prompt (token ids), in the order given; "" where the prompt alone
     already fills `max_length`. `seed` seeds torch once before the first batch (for sampling). Under
     autocast (`autocast_dtype`, or an autocast block around the call) the linear weights are cast once
     for the whole call (tunelab.speedups.py; same answers, faster decoding). Batches: `batch_size` prompts, or
     with `max_batch_tokens` as many as fit that KV-cache budget (plan_batches); their prompts prefilled in chunks
     of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own), or
-    taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's."""
+    taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's.
+    `stats["prompt_tokens"]` (when given) counts the real prompt tokens this call ran through the model: all of
+    a prompt's, or only its last one when its keys/values came from `prompt_cache` (the study's FLOPs)."""
     import torch
 
     from tunelab.logs import progress as progress_bar
@@ -265,9 +270,11 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
             lens = [len(p) for p in prompts]
             for batch in plan_batches(order, lens, budgets, batch_size, max_batch_tokens):
                 pieces = [prompt_cache.take(i) for i in batch] if prompt_cache is not None else [None]
-                texts = _generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                        [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens,
-                                        pieces if all(p is not None for p in pieces) else None)
+                pieces = pieces if all(p is not None for p in pieces) else None
+                texts, ran = _generate_batch(model, tokenizer, [prompts[i] for i in batch],
+                                             [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens, pieces)
+                if stats is not None:
+                    stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + ran
                 for i, text in zip(batch, texts):
                     answers[i] = text
                 bar.update(len(batch))

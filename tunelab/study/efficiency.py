@@ -14,7 +14,9 @@ FLOP formula (model FLOPs; the convention of bench/common.py, summed per matrix 
       (= 6 N for full fine-tuning of the body; the head is left out because tunelab computes logits
        only at supervised positions and that count is not recorded: the figure is conservative)
   likelihood scoring:  2 N_body x tokens scored (prompt + reference) + 2 N_head x reference tokens
-  generation:          2 N_body x (prompt + generated tokens) + 2 N_head x generated tokens
+  generation:          2 N_body x (prompt + generated tokens) + 2 N_head x generated tokens, where prompt
+      counts the prompt tokens generation ran itself (`{stage}_generation_prompt_tokens`: one per answer
+      whose prompt keys/values came from the likelihood pass, tunelab/prefill.py)
 Not counted, as in bench: attention's T^2 products, norms, activations, the optimizer.
 
 Study MFU = model FLOPs done / (study wall time x measured peak x devices). Wall time: the summed
@@ -280,7 +282,9 @@ def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) ->
         total += scoring_flops(shape, scored, reference)
         new = _num(results.get(f"{prefix}_tokens_generated")) or 0.0
         n, gen = _num(results.get(f"{prefix}_likelihood_samples")), _num(results.get(f"{prefix}_generated_samples"))
-        prompt = (scored - reference) * (gen / n) if n and gen is not None else 0.0
+        prompt = _num(results.get(f"{prefix}_generation_prompt_tokens"))  # older stages: every prompt's tokens
+        if prompt is None:
+            prompt = (scored - reference) * (gen / n) if n and gen is not None else 0.0
         total += generation_flops(shape, prompt, new) if new else 0.0
     scored, reference = _trajectory_tokens(row_dir)
     return total + scoring_flops(shape, scored, reference)
