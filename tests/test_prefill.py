@@ -2,8 +2,6 @@
 of HF's own prefill and of repeated full forward passes (fp32, tiny models); it steps aside where it does not
 apply; generation batches by KV-cache token budget (tunelab.generation.plan_batches)."""
 
-import functools
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,25 +10,12 @@ from tunelab import generation, prefill
 from tunelab.generation import generate_batched, generation_kwargs, plan_batches
 from tunelab.hparams import GenerationArguments
 
-from tests.test_generation import greedy_reference
+# the cached tiny models, and the one-thread fixture (autouse: importing it applies it here too)
+from tests.test_generation import _model, _one_torch_thread, greedy_reference  # noqa: F401
 
 TEXTS = ["Hi", "The quick brown fox jumps over the lazy dog. Eat well and sleep", "问：答：",
          "Give three tips for staying healthy.", "凉宫春日的忧郁", "A much longer prompt, so that chunks of similar "
          "length differ from the longest one by many tokens"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def _model(path):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _prompts(tokenizer) -> list[list[int]]:
@@ -122,8 +107,8 @@ def test_batch_tokens_default_fits_the_kv_cache_budget(tiny_llama_dir, monkeypat
     per_token = layers * 2 * kv_heads * head_dim * 4  # fp32 weights
     monkeypatch.setattr(generation, "KV_CACHE_BUDGET_BYTES", 100 * per_token + 1)
     assert generation.batch_tokens(model, None) == 100
-    assert generation.batch_tokens(model.to(torch.bfloat16), None) == 200
-    model.to(torch.float32)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)  # not the shared model:
+    assert generation.batch_tokens(bf16, None) == 200                                 # a cast would round it
 
 
 def _first_forward_widths(model):
@@ -172,7 +157,8 @@ def test_the_likelihood_pass_prompt_cache_serves_generation(tiny_llama_dir, tiny
 
 
 def test_prompt_cache_budget_and_fallback(tiny_llama_dir, tiny_tokenizer):
-    """Past max_bytes (checked before each batch) no more prompts are kept; a batch with a row missing prefills as usual, same answers."""
+    """Past max_bytes (checked before each batch) no more prompts are kept; a batch with a row missing prefills
+    as usual, with the same answers."""
     from tunelab.likelihood import score_rows
 
     model = _model(tiny_llama_dir)
