@@ -258,7 +258,8 @@ def test_predict_shares_the_prompts_forward_with_the_likelihood_pass(tiny_llama_
     argv = [*_predict_argv(tiny_data_dir, tmp_path / "a", *extra), "--model_name_or_path", str(tiny_llama_dir)]
     stacked = []
     real = prefill.stacked_cache
-    monkeypatch.setattr(prefill, "stacked_cache", lambda m, pieces, w: stacked.append(len(pieces)) or real(m, pieces, w))
+    monkeypatch.setattr(prefill, "stacked_cache",
+                        lambda m, pieces, w: stacked.append(len(pieces)) or real(m, pieces, w))
     shared = run(parse_args(argv))
     assert sum(stacked) == 5  # all five prompts decoded on from the pass's keys/values
     monkeypatch.setattr(evaluate, "shared_prompts", lambda *a: None)

@@ -6,7 +6,8 @@ the base model; tunelab/likelihood.py) and the 2023 study's BLEU/ROUGE of genera
         --max_samples 100 [--max_generate_samples 48] [--compare_base] [--generation_preset seed2023]
 
 Writes {eval,predict}_results.json and all_results.json (keys eval_bleu-4, eval_rouge-1, ..., eval_loss =
-eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples, eval_generation_prompt_tokens),
+eval_nll, eval_perplexity, eval_kl, eval_kl_topk_mass, eval_likelihood_samples, eval_generated_samples,
+eval_generation_prompt_tokens),
 likelihood.jsonl (one line per sample: index, tokens, nll, kl), generated_predictions.jsonl for predict
 (index, prompt, predict, label; only the generated subset), and retention.json with --compare_base (also
 printed: base, tuned, delta and noise of every score).
@@ -82,8 +83,9 @@ def _scoring(args: Args):
 def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device, prompt_cache=None):
     """The base model's per-sample NLL and top-k log-probs on `dataset` (BaseTopK), from the cache or computed
     once (retention.base_likelihood). `model` is the base model before any checkpoint is applied, so the base
-    pass runs on it (keeping the prompt keys/values `prompt_cache` asks for) and no second model is loaded; a full checkpoint is itself the loaded model, so its
-    recorded base is loaded for the pass and freed after it. None when that base is unknown."""
+    pass runs on it (keeping the prompt keys/values `prompt_cache` asks for) and no second model is loaded; a
+    full checkpoint is itself the loaded model, so its recorded base is loaded for the pass and freed after it.
+    None when that base is unknown."""
     from tunelab.methods import read_method
     from tunelab.retention import base_likelihood
 
@@ -124,14 +126,15 @@ def predict(model, tokenizer, dataset, args: Args, prompt_cache=None, stats: dic
     tokenizer.padding_side = "left"
     kwargs = generation_kwargs(args.generation, tokenizer)
     prompts = list(dataset["input_ids"])
-    mine = [prompts[i] for i in distributed.my_shard(len(prompts))]
+    shard = distributed.my_shard(len(prompts))
+    mine = [prompts[i] for i in shard]
     mine_stats: dict[str, int] = {}
     with autocast(args):
         answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
                                    seed=args.training.seed, progress=distributed.is_main(),
                                    max_batch_tokens=batch_tokens(model, args.generation.generation_batch_tokens),
-                                   prompt_cache=None if prompt_cache is None else prompt_cache.view(
-                                       distributed.my_shard(len(prompts))), stats=mine_stats)
+                                   prompt_cache=None if prompt_cache is None else prompt_cache.view(shard),
+                                   stats=mine_stats)
     if stats is not None:
         stats["prompt_tokens"] = sum(s.get("prompt_tokens", 0) for s in distributed.all_gather(mine_stats))
     return distributed.gather_in_order(answers, len(prompts))

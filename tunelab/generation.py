@@ -201,11 +201,11 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[in
     input_ids, mask = _left_pad(prompts, kwargs["pad_token_id"])
     input_ids, mask = input_ids.to(device), mask.to(device)
     cache, ran = None, sum(len(p) for p in prompts)
-    if pieces is not None and input_ids.shape[1] > 1 and prefill.applies(model, kwargs):
-        cache = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1)  # the likelihood pass's prompt cache
-        ran = len(prompts)
-    elif prefill_chunk_tokens is not None and prefill.applies(model, kwargs):
-        cache = prefill.chunked_prefill(model, input_ids, mask, prefill_chunk_tokens)
+    if prefill.applies(model, kwargs):
+        if pieces is not None and input_ids.shape[1] > 1:  # the likelihood pass's prompt cache
+            cache, ran = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1), len(prompts)
+        elif prefill_chunk_tokens is not None:
+            cache = prefill.chunked_prefill(model, input_ids, mask, prefill_chunk_tokens)
     if cache is not None:
         kwargs = {**kwargs, prefill.generate_cache_kwarg(model): cache}
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max(budgets), **kwargs)
@@ -215,6 +215,14 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[in
     # each row up to its own budget, then to its first eos
     return [tokenizer.decode(cut_at_end(row[:budget], eos)[0], skip_special_tokens=True).strip()
             for row, budget in zip(new_tokens, budgets)], ran
+
+
+def _cached_prompts(prompt_cache, batch: list[int]) -> list | None:
+    """Every row's prompt keys/values from `prompt_cache` (taken: freed there), or None when a row has none."""
+    if prompt_cache is None:
+        return None
+    pieces = [prompt_cache.take(i) for i in batch]
+    return pieces if all(p is not None for p in pieces) else None
 
 
 def _device(model):
@@ -269,10 +277,9 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                 linear_weights_cast(model, active_autocast_dtype(device) if cast_weights_once else None):
             lens = [len(p) for p in prompts]
             for batch in plan_batches(order, lens, budgets, batch_size, max_batch_tokens):
-                pieces = [prompt_cache.take(i) for i in batch] if prompt_cache is not None else [None]
-                pieces = pieces if all(p is not None for p in pieces) else None
                 texts, ran = _generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                             [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens, pieces)
+                                             [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens,
+                                             _cached_prompts(prompt_cache, batch))
                 if stats is not None:
                     stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + ran
                 for i, text in zip(batch, texts):

@@ -197,7 +197,8 @@ def _score_in_order(model, rows: list[dict], tokenizer, batch_size: int, base: B
             tokens, targets = keep.sum(1), batch["labels"][:, 1:][keep[:, :-1]]
             base_part = None if base is None else _base_slice(base, pos, targets)
             pos += len(targets)
-            prompts = [None if prompt_cache is None else prompt_cache.prompt_len(start + b) for b in range(len(tokens))]
+            prompts = [None if prompt_cache is None else prompt_cache.prompt_len(start + b)
+                       for b in range(len(tokens))]
             nll, kl, top, cache = _score_batch(model, {k: v.to(device) for k, v in batch.items()}, keep.to(device),
                                                base_part, topk, keep_cache=any(prompts))
             _keep_prompts(cache, prompts, start, prompt_cache)
@@ -240,12 +241,15 @@ def _per_sample(values: torch.Tensor, sample: torch.Tensor, n: int) -> torch.Ten
     return torch.zeros(n, dtype=torch.float64).index_add_(0, sample, values.double())
 
 
-def _score_batch(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, base, topk: int, keep_cache: bool = False):
+def _score_batch(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, base, topk: int,
+                 keep_cache: bool = False):
     """Per kept position: -log q(target) [P], coarse KL [P] (with base), top-k of q (with topk > 0), on CPU; and
     the forward's KV cache with `keep_cache` (else None)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    from tunelab.prefill import output_cache
+
     out = model(**inputs, logits_to_keep=keep, use_cache=keep_cache)
-    cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if keep_cache else None
+    cache = output_cache(out) if keep_cache else None
     logits = out.logits  # [P, V], P = keep.sum()
     logits = logits.reshape(-1, logits.shape[-1])
     targets = batch["labels"][:, 1:][keep[:, :-1]]

@@ -159,10 +159,15 @@ class PromptCache:
         return self._store.pop(self._index(position), None)
 
 
+def output_cache(out):
+    """The KV cache in a model output (transformers 5 names it `cache`, earlier ones `past_key_values`)."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
 def _forward_cache(model, ids: torch.Tensor, mask: torch.Tensor):
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
-                logits_to_keep=1)
-    return out["cache"] if "cache" in out else out["past_key_values"]
+    return output_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                              use_cache=True, logits_to_keep=1))
 
 
-__all__ = ["PromptCache", "applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg", "stacked_cache"]
+__all__ = ["PromptCache", "applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg", "output_cache",
+           "stacked_cache"]
