@@ -1,7 +1,7 @@
 """Generation throughput: greedy answers to 100 alpaca_gpt4_en prompts, fixed batches against tunelab's default.
 
     python -m bench.generate                  # 100 prompts, <= 64 new tokens, batch 8 vs auto (~2 min, 2 cores)
-    python -m bench.generate --ab             # also: auto with one prefill forward; autocast per call
+    python -m bench.generate --ab             # also: auto with one prefill forward; autocast per call; SDPA decode
     python -m bench.generate --quick          # 16 prompts, 32 new tokens
     python -m bench.generate --batch-sizes 1,8,16,auto --max-new-tokens 128 --emulate avx2 --fp32
 
@@ -33,6 +33,7 @@ from bench.common import DEFAULT_OUT, REPO, emit, machine, peak_rss_mb, run_work
 def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from tunelab.attention import DEFAULT_OPTIONS
     from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
     from tunelab.hparams import parse_args
     from tunelab.model import load_model_and_tokenizer
@@ -55,6 +56,8 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
         answers = generate_batched(model, tokenizer, prompts, kwargs, batch_size=1 if auto else cfg["batch"],
                                    progress=False, cast_weights_once=cfg.get("cast_weights_once", True),
                                    max_batch_tokens=batch_tokens(model, None) if auto else None,
+                                   speedups=dataclasses.replace(DEFAULT_OPTIONS,
+                                                                matmul_decode=cfg.get("matmul_decode", True)),
                                    **({} if cfg.get("chunked_prefill", True) else {"prefill_chunk_tokens": None}))
     seconds = time.perf_counter() - start
     new_tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers)
@@ -74,7 +77,7 @@ def worker(cfg: dict[str, Any]) -> None:
 def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
     print(f"\n{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; greedy, "
           f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
-    head = f"{'batch':>6}{'prefill':>9}{'cast':>6}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x row 1':>9}" \
+    head = f"{'batch':>6}{'prefill':>9}{'cast':>6}{'decode':>8}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x row 1':>9}" \
            f"{'same as 1':>11}" \
            f"{'RSS MB':>8}{'probe':>7}"
     print(head + "\n" + "-" * len(head))
@@ -88,7 +91,8 @@ def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
         same_text = f"{same}/{r['samples']}"
         cast = "once" if r["cast_weights_once"] else "call"
         prefill = "chunks" if r["batch"] == "auto" and r.get("chunked_prefill", True) else "one"
-        print(f"{r['batch']:>6}{prefill:>9}{cast:>6}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
+        decode = "matmul" if r.get("matmul_decode", True) else "sdpa"
+        print(f"{r['batch']:>6}{prefill:>9}{cast:>6}{decode:>8}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
               f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>9.2f}{same_text:>11}"
               f"{r['peak_rss_mb']:>8.0f}{sum(r['probe_gflops']) / 2:>7.0f}")
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="8,auto",
                         help="comma list of prompts per batch, or auto: tunelab's default (KV-cache budget)")
     parser.add_argument("--ab", action="store_true", help="also run auto with one prefill forward per batch, and "
-                        "every batch size without casting the weights once (autocast per call)")
+                        "every batch size without casting the weights once (autocast per call) and with SDPA's "
+                        "kernel for decoding steps instead of tunelab's matmul attention")
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of the resolved precision (bf16 autocast)")
     parser.add_argument("--emulate", help="measure as a CPU of this class on a bigger one: avx2 (tunelab/cpu.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -119,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     results = []
     for batch in (b if b == "auto" else int(b) for b in args.batch_sizes.split(",")):
-        variants = [(True, True)] + ([(True, False)] if args.ab and batch == "auto" else []) \
-            + ([(False, True)] if args.ab else [])
-        for once, chunked in variants:
+        variants = [(True, True, True)] + ([(True, False, True)] if args.ab and batch == "auto" else []) \
+            + ([(False, True, True), (True, True, False)] if args.ab else [])
+        for once, chunked, matmul_decode in variants:
             cfg = {"batch": batch, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                   "cast_weights_once": once, "chunked_prefill": chunked, "fp32": args.fp32}
+                   "cast_weights_once": once, "chunked_prefill": chunked, "matmul_decode": matmul_decode,
+                   "fp32": args.fp32}
             results.append(run_worker("bench.generate", cfg, env={"TUNELAB_ALLOCATOR": "tcmalloc"}))
             r = results[-1]
-            print(f"  batch {batch}{'' if once else ' (autocast per call)'}{'' if chunked else ' (one prefill)'}: "
+            print(f"  batch {batch}{'' if once else ' (autocast per call)'}{'' if chunked else ' (one prefill)'}"
+                  f"{'' if matmul_decode else ' (SDPA decode)'}: "
                   + (f"{r['seconds']:.1f} s" if "error" not in r else r["error"]), flush=True)
     print_table(results, info)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
+from tests.test_generation import greedy_reference
 from tunelab.attention import (DEFAULT_OPTIONS, PACKED_ATTENTION, _matmul_attention, attention_name,
-                               enable_packed_attention, equal_length_runs, pack_batch, packed_attention_enabled)
+                               enable_packed_attention, equal_length_runs, pack_batch, packed_attention,
+                               packed_attention_enabled)
 from tunelab.speedups import SpeedupOptions
 from tunelab.trainer import supervised_loss
 
@@ -149,3 +151,53 @@ def test_pack_batch_only_when_exact_and_useful():
     left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
     assert pack_batch(left) is None  # left padding: positions would differ
     assert pack_batch({**batch, "token_type_ids": batch["input_ids"]}) is None
+
+
+class _Heads(torch.nn.Module):
+    """What transformers' SDPA attention reads off an attention module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_decode_attention_equals_sdpa(dtype, atol, mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 5, 6, 2, 11, 8
+    query = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype) for _ in range(2))
+    attend = torch.arange(length)[None] >= torch.tensor([0, 3, 7, 1, 10])[:, None]  # left padding per row
+    mask = {"bool": attend[:, None, None],
+            "float": torch.zeros(batch, 1, 1, length, dtype=dtype).masked_fill(~attend[:, None, None], -1e4),
+            "none": None}[mask_kind]
+    expected, _ = sdpa_attention_forward(_Heads(heads // kv_heads), query, key, value, mask, scaling=0.3)
+    got, _ = packed_attention(_Heads(heads // kv_heads), query, key, value, mask, scaling=0.3)
+    assert got.shape == expected.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=0)
+    off, _ = packed_attention(_Heads(heads // kv_heads), query, key, value, mask, scaling=0.3,
+                              options=SpeedupOptions(matmul_decode=False))
+    assert torch.equal(off, expected)  # switched off: transformers' SDPA itself
+
+
+def test_generation_decodes_through_the_matmul_attention(tiny_llama_dir, tiny_tokenizer, monkeypatch):
+    import tunelab.attention as attention
+    from tunelab.generation import generate_batched, generation_kwargs
+    from tunelab.hparams import GenerationArguments
+
+    calls = []
+    decode = attention._decode_attention
+    monkeypatch.setattr(attention, "_decode_attention", lambda *a: calls.append(a[0].shape) or decode(*a))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("Hello there", "The quick brown fox jumps", "Eat")]
+    kwargs = generation_kwargs(GenerationArguments(max_new_tokens=6), tiny_tokenizer)
+    answers = generate_batched(model, tiny_tokenizer, prompts, kwargs, batch_size=3, progress=False)
+    assert calls and all(shape[0] == 3 and shape[2] == 1 for shape in calls)  # padded batch, one query row
+    eos = [tiny_tokenizer.eos_token_id]
+    assert answers == [tiny_tokenizer.decode(greedy_reference(model, p, 6, eos), skip_special_tokens=True).strip()
+                       for p in prompts]
+    assert model.config._attn_implementation == "sdpa"  # put back after generating

@@ -241,11 +241,13 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                      autocast_dtype=None, cast_weights_once: bool = True,
                      max_batch_tokens: int | None = None,
                      prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS, prompt_cache=None,
-                     stats: dict[str, int] | None = None) -> list[str]:
+                     stats: dict[str, int] | None = None, speedups=None) -> list[str]:
     """The decoded answer to each prompt (token ids), in the order given; "" where the prompt alone
     already fills `max_length`. `seed` seeds torch once before the first batch (for sampling). Under
     autocast (`autocast_dtype`, or an autocast block around the call) the linear weights are cast once
-    for the whole call (tunelab.speedups.py; same answers, faster decoding). Batches: `batch_size` prompts, or
+    for the whole call (tunelab.speedups.py; same answers, faster decoding), and decoding steps run tunelab's
+    attention (tunelab/attention.py: on a CPU one query row as two matmuls, not SDPA; `speedups`, a
+    tunelab.speedups.SpeedupOptions, switches that off for bench/). Batches: `batch_size` prompts, or
     with `max_batch_tokens` as many as fit that KV-cache budget (plan_batches); their prompts prefilled in chunks
     of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own), or
     taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's.
@@ -253,6 +255,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     a prompt's, or only its last one when its keys/values came from `prompt_cache` (the study's FLOPs)."""
     import torch
 
+    from tunelab.attention import DEFAULT_OPTIONS, packed_attention_enabled
     from tunelab.logs import progress as progress_bar
     from tunelab.speedups import active_autocast_dtype, linear_weights_cast
 
@@ -273,7 +276,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     bar = progress_bar(total=len(prompts), desc="generate", unit="sample", disable=not progress)
     bar.update(len(prompts) - len(order))
     try:
-        with torch.inference_mode(), _autocast(device, autocast_dtype), \
+        with torch.inference_mode(), _autocast(device, autocast_dtype), packed_attention_enabled(model, speedups or DEFAULT_OPTIONS), \
                 linear_weights_cast(model, active_autocast_dtype(device) if cast_weights_once else None):
             lens = [len(p) for p in prompts]
             for batch in plan_batches(order, lens, budgets, batch_size, max_batch_tokens):

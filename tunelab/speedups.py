@@ -50,6 +50,7 @@ class SpeedupOptions:
     pack_dense: bool = True  # on a CPU, batches without padding too when their rows fit the matmul attention
     matmul_attention: bool = True  # on a CPU, packed samples up to matmul_max_len tokens skip SDPA's kernel
     matmul_max_len: int = 256  # longer samples go through SDPA (memory O(L), not O(L^2)), see attention.py
+    matmul_decode: bool = True  # on a CPU, a decoding step's attention as two matmuls, not SDPA (attention.py)
     group_equal_lengths: bool = True  # one attention call per run of equal-length samples, not one per sample
     # the matmul attention's softmax dtype; None: the scores' own dtype — for bf16/fp16 scores torch's CPU kernel
     # computes in fp32 and rounds once, so the probabilities are bit-identical to transformers' fp32 softmax +
