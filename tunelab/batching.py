@@ -297,6 +297,7 @@ def _generate(engine, rows: list[_Row], kwargs: dict[str, Any], seed: int | None
     import torch
     from transformers import StoppingCriteriaList
 
+    from tunelab.attention import packed_attention_enabled
     from tunelab.generation import _device, _left_pad
 
     kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
@@ -304,7 +305,7 @@ def _generate(engine, rows: list[_Row], kwargs: dict[str, Any], seed: int | None
     device = _device(engine.model)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_attention_enabled(engine.model):  # its CPU decoding steps (attention.py)
         engine.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                               max_new_tokens=max(r.budget for r in rows),
                               stopping_criteria=StoppingCriteriaList([_Rows(rows, engine.decoder)]), **kwargs)
