@@ -95,6 +95,9 @@ def test_cached_training_equals_full_training(tiny_model_factory, method, layout
     with cached_lower_layers(cached_model, k, new_store(cached_model, k)) as store:
         losses, grads = train(cached_model, data)
     assert store.computed == 9 and store.reused == 18  # every sample once, then reused by epochs 2 and 3
+    real_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in data)
+    assert store.computed_tokens == real_tokens  # the lower layers ran over one epoch's real tokens, no padding
+    assert store.records() == {"cached_layer": 2, "lower_layer_tokens": real_tokens}
     assert losses == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
     assert len(grads) == len(full_grads) == 9
     for got, want in zip(grads, full_grads):
@@ -157,6 +160,7 @@ def test_disk_cache_is_shared_by_later_runs_and_keyed(tiny_llama_dir):
     second, again = run(copy.deepcopy(model), 2)  # a later run of the study
     assert (first.computed, first.read) == (9, 0)
     assert (second.computed, second.read, second.reused) == (0, 9, 9)
+    assert first.computed_tokens > 0 and second.computed_tokens == 0  # read from disk: the lower layers never ran
     assert again == losses
     assert run(model, 1)[0].computed == 9  # another layer: its own entries
     other = copy.deepcopy(model)  # e.g. a merged earlier checkpoint that changed a lower layer
@@ -231,10 +235,15 @@ def test_train_command_with_and_without_the_cache(tiny_llama_dir, tiny_data_dir,
                         "--save_steps", "1000", "--learning_rate", "1e-2", "--seed", "0", "--bf16", "false",
                         "--cache_lower_layers", str(cache).lower()]))
         state = json.loads((out / "trainer_state.json").read_text())
+        results.append(json.loads((out / "train_results.json").read_text()))
         return [e["loss"] for e in state["log_history"] if "loss" in e], load_file(out / "adapter_model.safetensors")
 
+    results = []
     full_losses, full_weights = train_run("full", False)
     losses, weights = train_run("cached", True)
+    # what the study's FLOP count reads: the cached layer, and the lower layers' tokens (one epoch's, not three)
+    assert "train_cached_layer" not in results[0] and results[1]["train_cached_layer"] == 2
+    assert 0 < results[1]["train_lower_layer_tokens"]
     assert len(losses) == 12 and losses == pytest.approx(full_losses, rel=1e-4)
     assert set(weights) == set(full_weights)
     for name, value in full_weights.items():
@@ -269,5 +278,8 @@ def test_eval_of_a_checkpoint_uses_the_cache_and_scores_as_the_full_model(tiny_l
     assert used == []
     cached = scores(True)
     assert used == [2]  # tiny llama: 4 layers, the last 2 train
+    assert "eval_cached_layer" not in full and cached["eval_cached_layer"] == 2 and cached["eval_lower_layer_tokens"] >= 0
+    assert full["eval_base_pass_tokens"] == full["eval_tokens_scored"] > 0  # the base pass ran once ...
+    assert cached["eval_base_pass_tokens"] == 0  # ... and the second eval read it from the cache
     assert cached["eval_nll"] == pytest.approx(full["eval_nll"], rel=1e-5)
     assert cached["eval_kl"] == pytest.approx(full["eval_kl"], rel=1e-4, abs=1e-7)

@@ -125,6 +125,33 @@ def test_generation_counts_only_the_prompt_tokens_it_ran(tmp_path):
     assert eff.read_efficiency(tmp_path, entries).rows[0][2] == pytest.approx(base_flops)
 
 
+def test_the_lower_layer_cache_and_the_base_pass_count_what_they_ran(tmp_path):
+    """A row on cached layer-3 inputs counts layers 0-2 only for the tokens they ran over (train and eval), the
+    base pass's forward counts as scoring (FLOPs and time); a row from before these records takes the plan."""
+    entries = _fixture_study(tmp_path)
+    row = tmp_path / entries[1]["dir"]
+    _write(row / "train/train_results.json", {"train_cached_layer": 3, "train_lower_layer_tokens": 400})
+    _write(row / "persona/predict_results.json",
+           {"predict_tokens_scored": 200, "predict_cached_layer": 3, "predict_lower_layer_tokens": 50,
+            "predict_base_pass_tokens": 200, "predict_base_pass_runtime": 4.0, "predict_scoring_runtime": 6.0,
+            "predict_likelihood_samples": 4, "predict_generated_samples": 0})
+    (row / "persona/likelihood.jsonl").write_text(
+        "".join(json.dumps({"index": i, "tokens": 20, "nll": 2.0, "kl": 0.0}) + "\n" for i in range(4)))
+    lower = 42 - 12  # body - N_active(3): the three layers below k = 3
+    train = 2 * 1000 * (42 + 12 + 10) - 2 * lower * (1000 - 400)
+    scoring = 2 * (42 * 200 + 5 * 80) - 2 * lower * (200 - 50) + 2 * (42 * 200 + 5 * 80)  # + the base pass
+    study = eff.read_efficiency(tmp_path, entries)
+    assert study.rows[1][2] == pytest.approx(train + scoring)
+    assert study.rows[1][1]["scoring"] == 10.0 and study.rows[1][1]["other"] == 10.0
+    # the same row without the records (an older study): the plan's scoring (500), not every layer's
+    _write(row / "persona/predict_results.json", {"predict_tokens_scored": 200, "predict_likelihood_samples": 4,
+                                                  "predict_generated_samples": 0})
+    (row / "train/train_results.json").unlink()
+    assert eff.read_efficiency(tmp_path, entries).rows[1][2] == pytest.approx(2 * 1000 * (42 + 12 + 10) + 500)
+    _write(row / "train/trainer_state.json", {"global_step": 4})  # no recorded tokens either: the plan's train (1.0)
+    assert eff.read_efficiency(tmp_path, entries).rows[1][2] == pytest.approx(1.0 + 500)
+
+
 def test_no_calibration_leaves_flops_unknown_but_splits_time(tmp_path):
     entries = _fixture_study(tmp_path)
     (tmp_path / eff.EFFICIENCY_FILE).unlink()

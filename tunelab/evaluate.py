@@ -80,12 +80,14 @@ def _scoring(args: Args):
         yield
 
 
-def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device, prompt_cache=None):
+def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], dataset, device, prompt_cache=None,
+              ran: dict | None = None):
     """The base model's per-sample NLL and top-k log-probs on `dataset` (BaseTopK), from the cache or computed
     once (retention.base_likelihood). `model` is the base model before any checkpoint is applied, so the base
     pass runs on it (keeping the prompt keys/values `prompt_cache` asks for) and no second model is loaded; a
     full checkpoint is itself the loaded model, so its recorded base is loaded for the pass and freed after it.
-    None when that base is unknown."""
+    None when that base is unknown. `ran["tokens"]`: the tokens the pass ran through the model (not on a
+    cache hit)."""
     from tunelab.methods import read_method
     from tunelab.retention import base_likelihood
 
@@ -101,11 +103,16 @@ def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], da
 
             base_args = dataclasses.replace(args.model, model_name_or_path=base_path, checkpoint_dir=None)
             base_model = load_model_and_tokenizer(base_args, dtype=base_dtype(base_args))[0].to(device).eval()
-            return sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1]
+            return counted(sample_likelihoods(base_model, dataset, tokenizer, args, topk=topk)[1])
     else:
         def compute():
-            return sample_likelihoods(model.to(device).eval(), dataset, tokenizer, args, topk=topk,
-                                      prompt_cache=prompt_cache)[1]
+            return counted(sample_likelihoods(model.to(device).eval(), dataset, tokenizer, args, topk=topk,
+                                              prompt_cache=prompt_cache)[1])
+
+    def counted(top):
+        if ran is not None:
+            ran["tokens"] = sum(len(ids) for ids in dataset["full_input_ids"])
+        return top
     return base_likelihood(args, base_path, dataset, compute)
 
 
@@ -244,9 +251,10 @@ def _evaluate(loaded, stage: str, out: Path, device) -> dict[str, Any]:
     # the base model's pass runs before the checkpoints apply; on the base model itself it is the likelihood
     # pass, and keeps the prompts' keys/values for generation
     shared = None if loaded.checkpoints else shared_prompts(loaded.model, dataset, tokenizer, args, generate)
-    base_start = time.time()
-    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device, shared)
+    base_start, ran = time.time(), {}
+    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device, shared, ran)
     base_seconds = round(time.time() - base_start, 3)  # ~0 on a cache hit; bench/predict.py reads it
+    base_tokens = ran.get("tokens", 0)  # tokens the base pass ran through the model: 0 on a cache hit
     loaded = apply_checkpoints(loaded)
     # nothing trains here: frozen weights also let the lower-layer cache apply to every method's checkpoint
     # (a loaded Freeze checkpoint's layers would otherwise keep requires_grad from from_pretrained)
@@ -257,7 +265,9 @@ def _evaluate(loaded, stage: str, out: Path, device) -> dict[str, Any]:
             shared = shared_prompts(model, dataset, tokenizer, args, generate)
         scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints,
                        prompt_cache=shared)
-    metrics = {**scored.metrics, "base_pass_runtime": base_seconds}
+    metrics = {**scored.metrics, "base_pass_runtime": base_seconds, "base_pass_tokens": base_tokens}
+    if store is not None and scored.metrics["tokens_scored"]:  # the likelihood pass ran on cached lower layers
+        metrics.update(store.records())
     main = distributed.is_main()
     if main:
         runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})

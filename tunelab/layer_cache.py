@@ -171,7 +171,8 @@ def sample_key(ids: torch.Tensor) -> str:
 class LayerInputStore:
     """Layer-k inputs by sample key: in memory for the run, and on disk (root None: memory only) under
     <root>/<hash of fingerprint, k, precision>/ for every run on the same lower layers. Counts the samples
-    it computed, reused (served to a batch) and read from disk."""
+    it computed, reused (served to a batch) and read from disk, and the tokens layers 0..k-1 ran over
+    (`computed_tokens`: what the study's FLOP count takes from records(), tunelab/study/efficiency.py)."""
 
     def __init__(self, fingerprint: str, k: int, root: Path | None):
         self.fingerprint, self.k, self.root = fingerprint, k, root
@@ -179,7 +180,12 @@ class LayerInputStore:
         self.memory: dict[str, torch.Tensor] = {}
         self.new: dict[str, torch.Tensor] = {}
         self.on_disk: dict[str, Path] = {}
-        self.computed = self.reused = self.read = 0
+        self.computed = self.reused = self.read = self.computed_tokens = 0
+
+    def records(self) -> dict[str, int]:
+        """What a run records of the cache in its results: the layer it fed (`cached_layer`) and the tokens
+        its layers below ran over (`lower_layer_tokens`; 0 when every sample came from disk)."""
+        return {"cached_layer": self.k, "lower_layer_tokens": self.computed_tokens}
 
     def header(self) -> dict[str, str]:
         return {"format": "pt", "tunelab": FORMAT, "fingerprint": self.fingerprint, "k": str(self.k),
@@ -338,6 +344,7 @@ class _CachedRun:
         self.hidden = self._lookup(ids, segments) if segments else None
         if self.hidden is None:
             self.hidden = self._compute(kwargs)
+            self.store.computed_tokens += _real_tokens(ids, kwargs.get("attention_mask"), segments)
             for (row, start, length), key in zip(segments or [], _keys(ids, segments or [])):
                 self.store.put(key, self.hidden[row, start:start + length])
         if getattr(module.layers[self.k], "gradient_checkpointing", False) and torch.is_grad_enabled():
@@ -401,6 +408,13 @@ class _CachedRun:
         if not captured:
             raise RuntimeError(f"layer {self.k} was never reached while computing its input")
         return captured[0].detach()
+
+
+def _real_tokens(ids: torch.Tensor, attention_mask: torch.Tensor | None, segments) -> int:
+    """The tokens of a batch that are not padding."""
+    if segments:
+        return sum(length for _, _, length in segments)
+    return int(attention_mask.sum()) if attention_mask is not None and attention_mask.dim() == 2 else ids.numel()
 
 
 def _keys(ids: torch.Tensor, segments: list[tuple[int, int, int]]) -> list[str]:

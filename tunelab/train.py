@@ -152,11 +152,13 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
         base_model=loaded.base_path, run_args=args.to_dict(), likelihood=likelihood)
     trainer.add_callback(NonFiniteGuard(skip=args.run.skip_nonfinite))  # a NaN/inf step stops the run (or is skipped)
     signals.check()  # a signal during set-up: nothing trained yet, nothing to save
-    with lower_layer_cache(model, info, args):  # exact: frozen layers below the trained ones run once per sample
-        result = trainer.train(resume_from_checkpoint=resume)
+    with lower_layer_cache(model, info, args) as store:  # exact: frozen layers below the trained ones run once
+        result = trainer.train(resume_from_checkpoint=resume)  # per sample
         signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
         trainer.save_model()
         metrics = whole_run_metrics(result.metrics, trainer.state, resume)  # a resumed run reports the whole run
+        if store is not None:
+            metrics.update({f"train_{key}": value for key, value in store.records().items()})
         if resume:
             metrics["train_resumed_from_step"] = integrity.checkpoint_step(resume)
         trainer.log_metrics("train", metrics)

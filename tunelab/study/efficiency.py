@@ -12,8 +12,12 @@ FLOP formula (model FLOPs; the convention of bench/common.py, summed per matrix 
     N_trainable trainable parameters (trainable.json): their weight gradients
   training, per (non-pad) token:  2 N_body forward + 2 N_active input grads + 2 N_trainable weight grads
       (= 6 N for full fine-tuning of the body; the head is left out because tunelab computes logits
-       only at supervised positions and that count is not recorded: the figure is conservative)
-  likelihood scoring:  2 N_body x tokens scored (prompt + reference) + 2 N_head x reference tokens
+       only at supervised positions and that count is not recorded: the figure is conservative); on
+      cached layer-k inputs (tunelab/layer_cache.py) the layers below k count only for the tokens they
+      ran over (`train_cached_layer`, `train_lower_layer_tokens`: once per sample, 0 when read from disk)
+  likelihood scoring:  2 N_body x tokens scored (prompt + reference) + 2 N_head x reference tokens, the
+      layers below a cached layer likewise (`{stage}_cached_layer`, `{stage}_lower_layer_tokens`), plus the
+      base model's pass where a stage ran it (`{stage}_base_pass_tokens`; 0 on a cache hit)
   generation:          2 N_body x (prompt + generated tokens) + 2 N_head x generated tokens, where prompt
       counts the prompt tokens generation ran itself (`{stage}_generation_prompt_tokens`: one per answer
       whose prompt keys/values came from the likelihood pass, tunelab/prefill.py)
@@ -26,7 +30,7 @@ Token counts a stage records are used when present (`{stage}_tokens_scored`: pro
 through the likelihood pass; `{stage}_tokens_generated`: new tokens generated; trainer_state.json's
 `num_input_tokens_seen` for training); otherwise the planned counts from the tokenized data
 (calibrate.py), which for training are exact (data tokens x epochs) and for generation an upper bound
-(max_new_tokens per generated sample). Time split: `{stage}_scoring_runtime` and
+(max_new_tokens per generated sample). Time split: `{stage}_scoring_runtime` (+ `{stage}_base_pass_runtime`) and
 `{stage}_generation_runtime` when a stage records them, the rest of a stage's time is "other"
 (model loading, tokenizing); an eval stage without them counts as scoring when it did not generate,
 else as "eval_unsplit".
@@ -207,13 +211,18 @@ def stage_split(stage: str, info: dict[str, Any], results: dict[str, Any]) -> di
         return {"train": seconds}
     if stage == "trajectory":
         return {"scoring": seconds}
-    prefix = "predict" if any(k.startswith("predict_") for k in results) else "eval"
+    prefix = _prefix(results)
     scoring, generation = (_num(results.get(f"{prefix}_{k}")) for k in ("scoring_runtime", "generation_runtime"))
     if scoring is None and generation is None:
         generated = prefix == "predict" or _num(results.get(f"{prefix}_generated_samples"))
         return {"eval_unsplit": seconds} if generated else {"scoring": seconds}
-    scoring, generation = scoring or 0.0, generation or 0.0
+    scoring = (scoring or 0.0) + (_num(results.get(f"{prefix}_base_pass_runtime")) or 0.0)  # the base pass scores too
+    generation = generation or 0.0
     return {"scoring": scoring, "generation": generation, "other": max(seconds - scoring - generation, 0.0)}
+
+
+def _prefix(results: dict[str, Any]) -> str:
+    return "predict" if any(k.startswith("predict_") for k in results) else "eval"
 
 
 def row_split(row_dir: Path, record: dict[str, Any]) -> dict[str, float]:
@@ -247,47 +256,80 @@ def _likelihood_tokens(stage_dir: Path) -> float:
 
 def row_flops(row_dir: Path, record: dict[str, Any], shape: ModelShape, planned: dict[str, Any]) -> float | None:
     """Model FLOPs a finished row did, from its files (recorded token counts) or its plan; None if unknown.
-    `planned`: the row's entry of efficiency.json ({"flops": {...}, "train_tokens": ...})."""
+    `planned`: the row's entry of efficiency.json ({"flops": {...}, "train_tokens": ...}). Rows whose stages
+    predate the lower-layer cache records (`*_cached_layer`, `*_base_pass_tokens`) take their training and
+    scoring FLOPs from the plan, which counts that cache; their recorded token counts would count every layer."""
     if record.get("status") != "done":
         return None
-    flops = 0.0
     stages = record.get("stages", {})
+    planned_flops = planned.get("flops") or {}
+    flops = 0.0
     if "train" in stages:
-        state = read_json_object(row_dir / "train" / "trainer_state.json")
-        trainable = read_json_object(row_dir / "train" / "trainable.json")
-        tokens = _num(state.get("num_input_tokens_seen")) or _num(planned.get("train_tokens"))
-        if not tokens:
+        train = _done_train_flops(row_dir / "train", shape, planned)
+        if train is None:
             return None
-        lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
-        flops += train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0))
+        flops += train
     recorded = _recorded_eval_flops(row_dir, [s for s in stages if s not in ("train", "trajectory")], shape)
     if recorded is None:
-        planned_flops = planned.get("flops") or {}
         if not planned_flops:
             return None
         return flops + planned_flops.get("scoring", 0.0) + planned_flops.get("generation", 0.0)
-    return flops + recorded
+    scoring, generation, complete = recorded
+    if not complete and "scoring" in planned_flops:
+        scoring = planned_flops["scoring"]
+    return flops + scoring + generation
 
 
-def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) -> float | None:
-    """Eval FLOPs from the token counts the stages recorded; None when any stage did not record them."""
-    total = 0.0
+def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any]) -> float | None:
+    """Training FLOPs from trainer_state.json / trainable.json / train_results.json; with the lower-layer cache
+    (train_cached_layer = k) layers 0..k-1 count only for the tokens they ran over (train_lower_layer_tokens)."""
+    state = read_json_object(train_dir / "trainer_state.json")
+    trainable = read_json_object(train_dir / "trainable.json")
+    results = read_json_object(train_dir / "train_results.json")
+    recorded_tokens = _num(state.get("num_input_tokens_seen"))
+    k = _num(results.get("train_cached_layer"))
+    if not recorded_tokens and k is None and (planned.get("flops") or {}).get("train"):
+        return planned["flops"]["train"]  # the plan's count (it counts the cache), as no run record says more
+    tokens = recorded_tokens or _num(planned.get("train_tokens"))
+    if not tokens:
+        return None
+    lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
+    flops = train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0))
+    if k is not None:
+        lower_tokens = _num(results.get("train_lower_layer_tokens")) or 0.0
+        flops -= 2.0 * (shape.body - shape.active(int(k))) * max(tokens - lower_tokens, 0.0)
+    return flops
+
+
+def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) -> tuple[float, float, bool] | None:
+    """(scoring, generation) FLOPs from the token counts the stages recorded, and whether every stage also
+    recorded its lower-layer cache and base pass (else its scoring counts every layer and no base pass);
+    None when any stage did not record token counts."""
+    scoring = generation = 0.0
+    complete = True
     for stage in stages:
         results = stage_results(row_dir / stage)
-        prefix = "predict" if any(k.startswith("predict_") for k in results) else "eval"
+        prefix = _prefix(results)
         scored = _num(results.get(f"{prefix}_tokens_scored"))
         if scored is None:
             return None
         reference = _likelihood_tokens(row_dir / stage)
-        total += scoring_flops(shape, scored, reference)
+        scoring += scoring_flops(shape, scored, reference)
+        k = _num(results.get(f"{prefix}_cached_layer"))
+        if k is not None:  # layers below k ran only over the tokens not already cached
+            lower_tokens = _num(results.get(f"{prefix}_lower_layer_tokens")) or 0.0
+            scoring -= 2.0 * (shape.body - shape.active(int(k))) * max(scored - lower_tokens, 0.0)
+        base_tokens = _num(results.get(f"{prefix}_base_pass_tokens"))
+        complete = complete and base_tokens is not None
+        scoring += scoring_flops(shape, base_tokens, reference) if base_tokens else 0.0
         new = _num(results.get(f"{prefix}_tokens_generated")) or 0.0
         n, gen = _num(results.get(f"{prefix}_likelihood_samples")), _num(results.get(f"{prefix}_generated_samples"))
         prompt = _num(results.get(f"{prefix}_generation_prompt_tokens"))  # older stages: every prompt's tokens
         if prompt is None:
             prompt = (scored - reference) * (gen / n) if n and gen is not None else 0.0
-        total += generation_flops(shape, prompt, new) if new else 0.0
+        generation += generation_flops(shape, prompt, new) if new else 0.0
     scored, reference = _trajectory_tokens(row_dir)
-    return total + scoring_flops(shape, scored, reference)
+    return scoring + scoring_flops(shape, scored, reference), generation, complete
 
 
 @dataclass
