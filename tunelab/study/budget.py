@@ -26,11 +26,11 @@ from tunelab.errors import TunelabError
 from tunelab.study.efficiency import ASSUMED_MFU
 
 FLOORS = {"train": 16, "eval": 16, "generate": 4}
-# Study-level figures, measured on whole quick studies (2026-11-30, `bash scripts/run_main.sh`, 2-core AMD EPYC):
-# model FLOPs / (wall time x measured peak) = 41% and 45% in bf16 (AVX-512 BF16 class; efficiency.ASSUMED_MFU,
-# which the progress view's first ETA uses too) and 57% in fp32 (AVX2 class, emulated); the fp32 estimate keeps a
-# margin below its one measurement. A stage's time beyond its own runtime (model load, tokenizing, writing
-# results) was 0.3-1.2 s, so 2 s per stage leaves a margin.
+# Planned model FLOPs / (wall time x measured peak) of whole studies (2026-11-30, `bash scripts/run_main.sh`,
+# 2-core AMD EPYC): 42% for the quick scale and 37% for --budget 15m in bf16 (AVX-512 BF16 class;
+# efficiency.ASSUMED_MFU, which the progress view's first ETA uses too), 47-48% for --budget 27m in fp32 (AVX2
+# class, emulated). With 2 s per stage on top (a stage's time beyond its own runtime: model load, tokenizing,
+# writing results, 0.3-1.2 s) the estimates came within the budget: 13.4 of 15 and 24.6 of 27 minutes.
 EXPECTED_MFU = ASSUMED_MFU
 EXPECTED_MFU_BY_PRECISION = {"bf16": ASSUMED_MFU, "fp32": 0.5}
 STAGE_OVERHEAD_S = 2.0

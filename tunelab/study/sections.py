@@ -29,7 +29,9 @@ FORGOTTEN_NOTE = ("Per trained row, the general-set samples whose reference answ
 EFFICIENCY_NOTE = ("Model FLOPs: training 2 N_body (forward) + 2 N_active (input gradients down to the lowest "
                    "trainable layer) + 2 N_trainable (weight gradients) per token, head not counted; likelihood "
                    "scoring and generation 2 N_body per token through the model + 2 N_head per reference / "
-                   "generated token (formula in tunelab/study/efficiency.py). MFU = FLOPs / (wall time x the "
+                   "generated token; on cached layer-k inputs the layers below k count only for the tokens they "
+                   "ran over, and the base model's pass counts where it ran (formula in "
+                   "tunelab/study/efficiency.py). MFU = FLOPs / (wall time x the "
                    "matmul peak measured on this machine at the study's start). Token counts are the ones the "
                    "stages recorded, else the planned ones from the tokenized data (generation: max_new_tokens "
                    "per answer, an upper bound).")
