@@ -143,7 +143,7 @@ def test_the_description_names_the_sizes_and_the_estimate():
     record = {"seconds": 1800, "factor": 0.42, "estimated_seconds": 1690, "peak_gflops": 107.2, "precision": "fp32",
               "sizes": {"train": 27, "eval": {"persona": 20, "general": 40}, "generate": {"persona": 7, "general": 7}}}
     assert bud.describe(record, "quick") == (
-        "Sized by --budget 30m on this machine (fp32 peak 107 GFLOP/s, an expected 40% MFU): 0.42 x the quick "
+        "Sized by --budget 30m on this machine (fp32 peak 107 GFLOP/s, an expected 36% MFU): 0.42 x the quick "
         "scale: train 27 samples per data set, eval persona 20 / general 40 samples, 7 generated per set; "
         "estimated 28 min.")
 
