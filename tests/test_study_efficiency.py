@@ -113,6 +113,7 @@ def test_mfu_and_time_split_from_row_files(tmp_path):
                                            "other": 5.0}
     assert splits["rows/r01_freeze_s42"]["train"] == 50.0 and splits["rows/r01_freeze_s42"]["eval_unsplit"] == 20.0
     assert study.totals()["scoring"] == 10.0
+    assert set(study.part_mfu()) == {"train"}  # a row's eval time is not split: no scoring / generation figure
 
 
 def test_generation_counts_only_the_prompt_tokens_it_ran(tmp_path):
@@ -143,6 +144,12 @@ def test_the_lower_layer_cache_and_the_base_pass_count_what_they_ran(tmp_path):
     study = eff.read_efficiency(tmp_path, entries)
     assert study.rows[1][2] == pytest.approx(train + scoring)
     assert study.rows[1][1]["scoring"] == 10.0 and study.rows[1][1]["other"] == 10.0
+    # per part over both rows (the base row: scoring 10 s, generation 15 s), at a peak of 1e3 FLOP/s
+    base_scoring, base_generation = 2 * (42 * 200 + 5 * 80), 2 * (42 * (120 * 2 / 4 + 20) + 5 * 20)
+    assert study.part_flops == pytest.approx({"train": train, "scoring": base_scoring + scoring,
+                                              "generation": base_generation})
+    assert study.part_mfu() == pytest.approx({"train": train / 50 / 1e3, "scoring": (base_scoring + scoring) / 20 / 1e3,
+                                              "generation": base_generation / 15 / 1e3})
     # the same row without the records (an older study): the plan's scoring (500), not every layer's
     _write(row / "persona/predict_results.json", {"predict_tokens_scored": 200, "predict_likelihood_samples": 4,
                                                   "predict_generated_samples": 0})

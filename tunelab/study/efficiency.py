@@ -255,29 +255,37 @@ def _likelihood_tokens(stage_dir: Path) -> float:
 
 
 def row_flops(row_dir: Path, record: dict[str, Any], shape: ModelShape, planned: dict[str, Any]) -> float | None:
-    """Model FLOPs a finished row did, from its files (recorded token counts) or its plan; None if unknown.
-    `planned`: the row's entry of efficiency.json ({"flops": {...}, "train_tokens": ...}). Rows whose stages
-    predate the lower-layer cache records (`*_cached_layer`, `*_base_pass_tokens`) take their training and
-    scoring FLOPs from the plan, which counts that cache; their recorded token counts would count every layer."""
+    """Model FLOPs a finished row did (the sum of row_part_flops); None if unknown."""
+    parts = row_part_flops(row_dir, record, shape, planned)
+    return None if parts is None else sum(parts.values())
+
+
+def row_part_flops(row_dir: Path, record: dict[str, Any], shape: ModelShape,
+                   planned: dict[str, Any]) -> dict[str, float] | None:
+    """Model FLOPs a finished row did, {train, scoring, generation}, from its files (recorded token counts) or
+    its plan; None if unknown. `planned`: the row's entry of efficiency.json ({"flops": {...}, "train_tokens":
+    ...}). Rows whose stages predate the lower-layer cache records (`*_cached_layer`, `*_base_pass_tokens`) take
+    their training and scoring FLOPs from the plan, which counts that cache; their recorded token counts would
+    count every layer."""
     if record.get("status") != "done":
         return None
     stages = record.get("stages", {})
     planned_flops = planned.get("flops") or {}
-    flops = 0.0
+    out = {"train": 0.0, "scoring": 0.0, "generation": 0.0}
     if "train" in stages:
         train = _done_train_flops(row_dir / "train", shape, planned)
         if train is None:
             return None
-        flops += train
+        out["train"] = train
     recorded = _recorded_eval_flops(row_dir, [s for s in stages if s not in ("train", "trajectory")], shape)
     if recorded is None:
         if not planned_flops:
             return None
-        return flops + planned_flops.get("scoring", 0.0) + planned_flops.get("generation", 0.0)
+        return {**out, "scoring": planned_flops.get("scoring", 0.0), "generation": planned_flops.get("generation", 0.0)}
     scoring, generation, complete = recorded
     if not complete and "scoring" in planned_flops:
         scoring = planned_flops["scoring"]
-    return flops + scoring + generation
+    return {**out, "scoring": scoring, "generation": generation}
 
 
 def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any]) -> float | None:
@@ -342,6 +350,7 @@ class StudyEfficiency:
     precision: str | None
     devices: int
     rows: list[tuple[str, dict[str, float], float | None]]  # (row dir, seconds per part, FLOPs)
+    part_flops: dict[str, float] = field(default_factory=dict)  # FLOPs per part over the finished rows
 
     @property
     def mfu(self) -> float | None:
@@ -352,26 +361,45 @@ class StudyEfficiency:
     def totals(self) -> dict[str, float]:
         return {part: sum(split[part] for _, split, _ in self.rows) for part in PARTS}
 
+    def part_mfu(self) -> dict[str, float]:
+        """{train, scoring, generation: that part's FLOPs / (its seconds x peak)} over the finished rows, for the
+        parts with both (where the study's efficiency is lost: decoding at a few answers per set runs far below
+        the matmul peak)."""
+        if not self.peak_gflops or not self.part_flops:
+            return {}
+        done = {d for d, _, f in self.rows if f is not None}
+        seconds = {part: sum(split[part] for d, split, _ in self.rows if d in done) for part in self.part_flops}
+        if any(split["eval_unsplit"] for d, split, _ in self.rows if d in done):
+            seconds["scoring"] = seconds["generation"] = 0.0  # eval time not split: only training's figure holds
+        peak = self.peak_gflops * 1e9 * self.devices
+        return {part: flops / (seconds[part] * peak) for part, flops in self.part_flops.items()
+                if flops and seconds[part] > 0}
+
 
 def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEfficiency | None:
     """The study's efficiency from efficiency.json and the row files; None when no row has run."""
     meta = read_json_object(study_dir / EFFICIENCY_FILE)
     calibration = meta.get("calibration") or {}
     shape = ModelShape.from_dict(calibration["model"]) if calibration.get("model") else None
-    rows, flops, known = [], 0.0, True
+    rows, flops, known, parts = [], 0.0, True, {"train": 0.0, "scoring": 0.0, "generation": 0.0}
     for entry in entries:
         record = read_json_object(study_dir / entry["dir"] / "row.json")
         if not record.get("stages"):
             continue
         row_dir = study_dir / entry["dir"]
-        f = row_flops(row_dir, record, shape, (calibration.get("rows") or {}).get(entry["dir"], {})) if shape else None
+        planned = (calibration.get("rows") or {}).get(entry["dir"], {})
+        split = row_part_flops(row_dir, record, shape, planned) if shape else None
+        f = None if split is None else sum(split.values())
         rows.append((entry["dir"], row_split(row_dir, record), f))
         if record.get("status") == "done":
             known = known and f is not None
             flops += f or 0.0
+            for part, value in (split or {}).items():
+                parts[part] += value
     if not rows:
         return None
     sessions = [s.get("seconds", 0.0) for s in meta.get("sessions", [])]
     wall = sum(sessions) if sessions else sum(sum(split.values()) for _, split, _ in rows)
     return StudyEfficiency(flops if known and shape else None, wall, calibration.get("peak_gflops"),
-                           calibration.get("precision"), int(calibration.get("devices") or 1), rows)
+                           calibration.get("precision"), int(calibration.get("devices") or 1), rows,
+                           parts if known and shape else {})

@@ -80,6 +80,10 @@ def efficiency_blocks(study_dir: Path, study: Study) -> list[Block]:
     else:
         head = (f"{eff.wall_seconds / 60:.1f} min of row time; MFU unknown (no calibration in efficiency.json, "
                 "or a finished row whose token counts are unknown).")
+    by_part = eff.part_mfu()
+    if by_part:
+        head += " MFU per part (its FLOPs over its time): " + ", ".join(
+            f"{PART_NAMES[p]} {by_part[p]:.0%}" for p in PARTS if p in by_part) + "."
     return [("text", "Efficiency", f"{head} Time per part, all rows: {shares}."),
             ("table", "", (header, body)), ("note", "", EFFICIENCY_NOTE)]
 
