@@ -77,9 +77,8 @@ def worker(cfg: dict[str, Any]) -> None:
 def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
     print(f"\n{info['date']}  {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, torch {info['torch']}; greedy, "
           f"{results[0]['samples']} alpaca_gpt4_en prompts, <= {results[0]['max_new_tokens']} new tokens")
-    head = f"{'batch':>6}{'prefill':>9}{'cast':>6}{'decode':>8}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}{'x row 1':>9}" \
-           f"{'same as 1':>11}" \
-           f"{'RSS MB':>8}{'probe':>7}"
+    head = f"{'batch':>6}{'prefill':>9}{'cast':>6}{'decode':>8}{'seconds':>9}{'samples/s':>11}{'new tok/s':>11}" \
+           f"{'x row 1':>9}{'same as 1':>11}{'RSS MB':>8}{'probe':>7}"
     print(head + "\n" + "-" * len(head))
     one = next((r for r in results if "error" not in r), None)
     for r in results:
@@ -92,8 +91,8 @@ def print_table(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
         cast = "once" if r["cast_weights_once"] else "call"
         prefill = "chunks" if r["batch"] == "auto" and r.get("chunked_prefill", True) else "one"
         decode = "matmul" if r.get("matmul_decode", True) else "sdpa"
-        print(f"{r['batch']:>6}{prefill:>9}{cast:>6}{decode:>8}{r['seconds']:>9.1f}{r['samples'] / r['seconds']:>11.2f}"
-              f"{r['new_tokens'] / r['seconds']:>11.1f}{speed:>9.2f}{same_text:>11}"
+        print(f"{r['batch']:>6}{prefill:>9}{cast:>6}{decode:>8}{r['seconds']:>9.1f}"
+              f"{r['samples'] / r['seconds']:>11.2f}{r['new_tokens'] / r['seconds']:>11.1f}{speed:>9.2f}{same_text:>11}"
               f"{r['peak_rss_mb']:>8.0f}{sum(r['probe_gflops']) / 2:>7.0f}")
 
 

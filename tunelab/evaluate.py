@@ -71,6 +71,11 @@ def shared_prompts(model, dataset, tokenizer, args: Args, generate: bool):
     return prefill.PromptCache(wanted, KV_CACHE_BUDGET_BYTES) if wanted else None
 
 
+def scored_tokens(dataset) -> int:
+    """The tokens a likelihood pass over `dataset` runs through the model (prompt + reference, every sample)."""
+    return sum(len(ids) for ids in dataset["full_input_ids"])
+
+
 @contextlib.contextmanager
 def _scoring(args: Args):
     """What a likelihood pass of `tunelab eval` runs under: inference mode and the run's autocast."""
@@ -111,7 +116,7 @@ def base_pass(args: Args, model, tokenizer, base_path: str, ckpts: list[str], da
 
     def counted(top):
         if ran is not None:
-            ran["tokens"] = sum(len(ids) for ids in dataset["full_input_ids"])
+            ran["tokens"] = scored_tokens(dataset)
         return top
     return base_likelihood(args, base_path, dataset, compute)
 
@@ -175,7 +180,7 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
         scores, _ = sample_likelihoods(model, dataset, tokenizer, args, base=None if is_base else base,
                                        prompt_cache=prompt_cache)
         scores = scores.with_zero_kl() if is_base else scores
-        tokens_scored = sum(len(ids) for ids in dataset["full_input_ids"])
+        tokens_scored = scored_tokens(dataset)
     agg = likelihood.aggregate(scores)
     metrics: dict[str, Any] = {"loss": agg["nll"], **agg,
                                "kl_topk_mass": None if base is None else round(base.covered_mass(), 6),

@@ -276,7 +276,8 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     bar = progress_bar(total=len(prompts), desc="generate", unit="sample", disable=not progress)
     bar.update(len(prompts) - len(order))
     try:
-        with torch.inference_mode(), _autocast(device, autocast_dtype), packed_attention_enabled(model, speedups or DEFAULT_OPTIONS), \
+        with torch.inference_mode(), _autocast(device, autocast_dtype), \
+                packed_attention_enabled(model, speedups or DEFAULT_OPTIONS), \
                 linear_weights_cast(model, active_autocast_dtype(device) if cast_weights_once else None):
             lens = [len(p) for p in prompts]
             for batch in plan_batches(order, lens, budgets, batch_size, max_batch_tokens):

@@ -69,6 +69,10 @@ class ModelShape:
         """N_active: the layers backward passes input gradients through."""
         return sum(self.layers[max(lowest_trainable_layer, 0):]) + self.other_body
 
+    def below(self, k: int) -> int:
+        """The parameters of layers 0..k-1: what cached layer-k inputs (tunelab/layer_cache.py) spare."""
+        return self.body - self.active(k)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelShape:
         return cls(tuple(data["layers"]), data.get("other_body", 0), data.get("head", 0))
@@ -138,7 +142,7 @@ def with_lower_layer_cache(flops: dict[str, float], shape: ModelShape, k: int, t
     earlier row of the study already cached; the likelihood passes likewise. Generation runs every layer.
     train = (tokens over all epochs, epochs, whether this row computes the lower layers itself);
     evals = [(eval set tokens, whether this row computes their lower layers itself)]."""
-    lower = shape.body - shape.active(k)
+    lower = shape.below(k)
     tokens, epochs, first = train
     out = dict(flops)
     out["train"] -= 2.0 * tokens * lower * (1.0 - (1.0 / max(epochs, 1.0) if first else 0.0))
@@ -295,18 +299,25 @@ def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any
     trainable = read_json_object(train_dir / "trainable.json")
     results = read_json_object(train_dir / "train_results.json")
     recorded_tokens = _num(state.get("num_input_tokens_seen"))
-    k = _num(results.get("train_cached_layer"))
-    if not recorded_tokens and k is None and (planned.get("flops") or {}).get("train"):
+    cached = _num(results.get("train_cached_layer")) is not None
+    if not recorded_tokens and not cached and (planned.get("flops") or {}).get("train"):
         return planned["flops"]["train"]  # the plan's count (it counts the cache), as no run record says more
     tokens = recorded_tokens or _num(planned.get("train_tokens"))
     if not tokens:
         return None
     lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
-    flops = train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0))
-    if k is not None:
-        lower_tokens = _num(results.get("train_lower_layer_tokens")) or 0.0
-        flops -= 2.0 * (shape.body - shape.active(int(k))) * max(tokens - lower_tokens, 0.0)
-    return flops
+    return train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0)) \
+        - _cache_spared(shape, results, "train", tokens)
+
+
+def _cache_spared(shape: ModelShape, results: dict[str, Any], prefix: str, tokens: float) -> float:
+    """The forward FLOPs of layers 0..k-1 that cached layer-k inputs spared a pass over `tokens`: those the
+    lower layers did not run over (`{prefix}_cached_layer` = k, `{prefix}_lower_layer_tokens`); 0 without."""
+    k = _num(results.get(f"{prefix}_cached_layer"))
+    if k is None:
+        return 0.0
+    lower_tokens = _num(results.get(f"{prefix}_lower_layer_tokens")) or 0.0
+    return 2.0 * shape.below(int(k)) * max(tokens - lower_tokens, 0.0)
 
 
 def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) -> tuple[float, float, bool] | None:
@@ -322,11 +333,7 @@ def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) ->
         if scored is None:
             return None
         reference = _likelihood_tokens(row_dir / stage)
-        scoring += scoring_flops(shape, scored, reference)
-        k = _num(results.get(f"{prefix}_cached_layer"))
-        if k is not None:  # layers below k ran only over the tokens not already cached
-            lower_tokens = _num(results.get(f"{prefix}_lower_layer_tokens")) or 0.0
-            scoring -= 2.0 * (shape.body - shape.active(int(k))) * max(scored - lower_tokens, 0.0)
+        scoring += scoring_flops(shape, scored, reference) - _cache_spared(shape, results, prefix, scored)
         base_tokens = _num(results.get(f"{prefix}_base_pass_tokens"))
         complete = complete and base_tokens is not None
         scoring += scoring_flops(shape, base_tokens, reference) if base_tokens else 0.0
@@ -381,7 +388,7 @@ def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEffi
     meta = read_json_object(study_dir / EFFICIENCY_FILE)
     calibration = meta.get("calibration") or {}
     shape = ModelShape.from_dict(calibration["model"]) if calibration.get("model") else None
-    rows, flops, known, parts = [], 0.0, True, {"train": 0.0, "scoring": 0.0, "generation": 0.0}
+    rows, known, parts = [], True, {"train": 0.0, "scoring": 0.0, "generation": 0.0}
     for entry in entries:
         record = read_json_object(study_dir / entry["dir"] / "row.json")
         if not record.get("stages"):
@@ -393,13 +400,12 @@ def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEffi
         rows.append((entry["dir"], row_split(row_dir, record), f))
         if record.get("status") == "done":
             known = known and f is not None
-            flops += f or 0.0
             for part, value in (split or {}).items():
                 parts[part] += value
     if not rows:
         return None
     sessions = [s.get("seconds", 0.0) for s in meta.get("sessions", [])]
     wall = sum(sessions) if sessions else sum(sum(split.values()) for _, split, _ in rows)
-    return StudyEfficiency(flops if known and shape else None, wall, calibration.get("peak_gflops"),
+    return StudyEfficiency(sum(parts.values()) if known and shape else None, wall, calibration.get("peak_gflops"),
                            calibration.get("precision"), int(calibration.get("devices") or 1), rows,
                            parts if known and shape else {})
