@@ -244,6 +244,7 @@ def test_train_command_with_and_without_the_cache(tiny_llama_dir, tiny_data_dir,
     # what the study's FLOP count reads: the cached layer, and the lower layers' tokens (one epoch's, not three)
     assert "train_cached_layer" not in results[0] and results[1]["train_cached_layer"] == 2
     assert 0 < results[1]["train_lower_layer_tokens"]
+    assert results[0]["train_supervised_tokens"] == results[1]["train_supervised_tokens"] > 0  # the head's positions
     assert len(losses) == 12 and losses == pytest.approx(full_losses, rel=1e-4)
     assert set(weights) == set(full_weights)
     for name, value in full_weights.items():

@@ -141,6 +141,7 @@ def test_a_budget_below_the_floor_says_what_one_row_needs():
 
 def test_the_description_names_the_sizes_and_the_estimate():
     record = {"seconds": 1800, "factor": 0.42, "estimated_seconds": 1690, "peak_gflops": 107.2, "precision": "fp32",
+              "expected_mfu": 0.36,
               "sizes": {"train": 27, "eval": {"persona": 20, "general": 40}, "generate": {"persona": 7, "general": 7}}}
     assert bud.describe(record, "quick") == (
         "Sized by --budget 30m on this machine (fp32 peak 107 GFLOP/s, an expected 36% MFU): 0.42 x the quick "

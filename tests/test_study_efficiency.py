@@ -31,6 +31,8 @@ def test_flop_formula_by_hand():
     assert eff.train_flops(SHAPE, 100, 0, SHAPE.body) == 6 * 42 * 100
     # Freeze of the last layer: backward stops at layer 3 and trains its 10 parameters
     assert eff.train_flops(SHAPE, 100, 3, 10) == 2 * 100 * (42 + 12 + 10)
+    # the head (5) runs forward and passes input gradients back at the 30 supervised positions only
+    assert eff.train_flops(SHAPE, 100, 3, 10, supervised=30) == 2 * 100 * (42 + 12 + 10) + 4 * 5 * 30
     assert eff.scoring_flops(SHAPE, 50, 20) == 2 * (42 * 50 + 5 * 20)
     assert eff.generation_flops(SHAPE, 30, 8) == 2 * (42 * 38 + 5 * 8)
     assert eff.lowest_trainable_layer("lora", [2, 3]) == 2
@@ -45,6 +47,7 @@ def test_planned_row_flops_and_train_steps():
     assert tokens.flops(SHAPE, generate=False) == (score, 0.0)
     row = eff.planned_row_flops(SHAPE, 1000, 3, 10, [(tokens, True)], trajectory_points=2)
     assert row == {"train": 2 * 1000 * 64, "scoring": 3 * score, "generation": gen}
+    assert eff.planned_row_flops(SHAPE, 1000, 3, 10, [], supervised=300)["train"] == 2 * 1000 * 64 + 4 * 5 * 300
     assert eff.planned_row_flops(SHAPE, None, 0, 0, [(tokens, True)])["train"] == 0.0
     assert eff.train_steps(61, 8, 2) == 16 and eff.train_steps(10, 4, 1.5) == 5
 
@@ -131,7 +134,8 @@ def test_the_lower_layer_cache_and_the_base_pass_count_what_they_ran(tmp_path):
     base pass's forward counts as scoring (FLOPs and time); a row from before these records takes the plan."""
     entries = _fixture_study(tmp_path)
     row = tmp_path / entries[1]["dir"]
-    _write(row / "train/train_results.json", {"train_cached_layer": 3, "train_lower_layer_tokens": 400})
+    _write(row / "train/train_results.json", {"train_cached_layer": 3, "train_lower_layer_tokens": 400,
+                                              "train_supervised_tokens": 300})
     _write(row / "persona/predict_results.json",
            {"predict_tokens_scored": 200, "predict_cached_layer": 3, "predict_lower_layer_tokens": 50,
             "predict_base_pass_tokens": 200, "predict_base_pass_runtime": 4.0, "predict_scoring_runtime": 6.0,
@@ -139,7 +143,7 @@ def test_the_lower_layer_cache_and_the_base_pass_count_what_they_ran(tmp_path):
     (row / "persona/likelihood.jsonl").write_text(
         "".join(json.dumps({"index": i, "tokens": 20, "nll": 2.0, "kl": 0.0}) + "\n" for i in range(4)))
     lower = 42 - 12  # body - N_active(3): the three layers below k = 3
-    train = 2 * 1000 * (42 + 12 + 10) - 2 * lower * (1000 - 400)
+    train = 2 * 1000 * (42 + 12 + 10) - 2 * lower * (1000 - 400) + 4 * 5 * 300  # + the head at 300 positions
     scoring = 2 * (42 * 200 + 5 * 80) - 2 * lower * (200 - 50) + 2 * (42 * 200 + 5 * 80)  # + the base pass
     study = eff.read_efficiency(tmp_path, entries)
     assert study.rows[1][2] == pytest.approx(train + scoring)

@@ -159,3 +159,27 @@ def test_run_files_get_the_users_umask_modes(tiny_llama_dir, tiny_data_dir, tmp_
     assert "adapter_model.safetensors" in modes and "checkpoint-1/optimizer.safetensors" in modes
     wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)}
     assert not wrong, wrong
+
+
+def test_recorded_supervised_tokens_are_the_rows_the_head_ran_over(tiny_llama_dir, tiny_data_dir, tmp_path):
+    """train_supervised_tokens (the study's FLOP count of the output projection) equals the rows every training
+    step sent through the head, counted by a forward hook, over several epochs."""
+    import torch
+
+    seen = []
+
+    def count_head_rows(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.out_features == module_vocab[0] and torch.is_grad_enabled():
+            seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0])
+
+    from transformers import AutoConfig
+
+    module_vocab = [AutoConfig.from_pretrained(tiny_llama_dir).vocab_size]
+    out = tmp_path / "run"
+    handle = torch.nn.modules.module.register_module_forward_hook(count_head_rows)
+    try:
+        run(parse_args(train_argv(tiny_llama_dir, tiny_data_dir, out, "lora", "--num_train_epochs", "3")))
+    finally:
+        handle.remove()
+    results = json.loads((out / "train_results.json").read_text())
+    assert len(seen) >= 3 and results["train_supervised_tokens"] == sum(seen)

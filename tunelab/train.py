@@ -127,7 +127,7 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
     from tunelab.nonfinite import NonFiniteGuard
     from tunelab.resume import Bookkeeping, earlier_runtime, whole_run_metrics
     from tunelab.setup import setup_training_model
-    from tunelab.trainer import TunelabTrainer
+    from tunelab.trainer import TunelabTrainer, supervised_tokens
 
     # earlier checkpoints (--checkpoint_dir) are merged in, their weights part of the base; a last LoRA one
     # goes on training with --resume_lora_training (setup_training_model)
@@ -157,6 +157,8 @@ def _train(args: Args, out: Path, resume: str | None) -> dict[str, Any]:
         signals.check()  # stopped early by a signal: the checkpoint of the last step is saved, the run is not done
         trainer.save_model()
         metrics = whole_run_metrics(result.metrics, trainer.state, resume)  # a resumed run reports the whole run
+        # the positions the output projection ran over, whole run (the study's FLOP count)
+        metrics["train_supervised_tokens"] = round(supervised_tokens(dataset["labels"]) * (trainer.state.epoch or 0))
         if store is not None:
             metrics.update({f"train_{key}": value for key, value in store.records().items()})
         if resume:

@@ -61,6 +61,12 @@ def supervised_loss(model, inputs: dict[str, torch.Tensor], options: SpeedupOpti
     return cross_entropy(logits, targets)
 
 
+def supervised_tokens(label_rows) -> int:
+    """Positions supervised_loss sends through the output projection over `label_rows` (one pass over the
+    data): tokens with a label other than -100, less each row's first token, which no position predicts."""
+    return sum(sum(1 for t in labels[1:] if t != -100) for labels in label_rows)
+
+
 class UmaskModes(TrainerCallback):
     """A saved checkpoint's files get the user's umask modes (paths.apply_umask: safetensors writes 0600)."""
 

@@ -102,20 +102,25 @@ def _key(cfg: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in STRIP}, sort_keys=True, default=str)
 
 
-def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int]:
-    """(tokens over all epochs, optimizer steps) of a training stage's data."""
+def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int, float]:
+    """(tokens over all epochs, optimizer steps, supervised positions over all epochs) of a training stage's
+    data (supervised: what the output projection runs over, tunelab.trainer.supervised_tokens)."""
     from tunelab.hparams import parse_args
     from tunelab.preprocess import build_dataset
+    from tunelab.trainer import supervised_tokens
 
     args = parse_args(config={k: v for k, v in cfg.items() if k != "checkpoint_dir"})
     rows = build_dataset(args.data, tokenizer, "train")
     per_epoch = sum(len(ids) for ids in rows["input_ids"])
+    supervised = supervised_tokens(rows["labels"])
     t = args.training
     steps_per_epoch = train_steps(len(rows), t.per_device_train_batch_size * t.gradient_accumulation_steps, 1)
     if t.max_steps and t.max_steps > 0:  # a step budget instead of epochs
-        return per_epoch * t.max_steps / max(steps_per_epoch, 1), t.max_steps
+        epochs = t.max_steps / max(steps_per_epoch, 1)
+        return per_epoch * epochs, t.max_steps, supervised * epochs
     return per_epoch * t.num_train_epochs, train_steps(len(rows), t.per_device_train_batch_size
-                                                       * t.gradient_accumulation_steps, t.num_train_epochs)
+                                                       * t.gradient_accumulation_steps, t.num_train_epochs), \
+        supervised * t.num_train_epochs
 
 
 def finetune_args(cfg: dict[str, Any], _tokenizer=None):
@@ -169,15 +174,15 @@ def plan_rows(plans, shape: ModelShape, tokenizer, cache: dict[str, Any] | None 
 
     out, seen = {}, set()  # seen: (data, k) whose layer-k inputs an earlier row caches
     for plan in plans:
-        tokens, lowest, trainable, points, ft = None, 0, 0, 0, None
+        tokens, lowest, trainable, points, ft, supervised = None, 0, 0, 0, None, 0.0
         if plan.train:
-            tokens, steps = cached(train_tokens, _data_options(plan.train))
+            tokens, steps, supervised = cached(train_tokens, _data_options(plan.train))
             ft = cached(finetune_args, _method_options(plan.train))
             lowest, trainable = _planned_trainable(ft, shape)
             points = max(steps - 1, 0) // plan.eval_every if plan.eval_every else 0
         evals = [(cached(eval_tokens, _data_options(cfg)), bool(cfg.get("predict_with_generate")))
                  for cfg in plan.evals.values()]
-        flops = planned_row_flops(shape, tokens, lowest, trainable, evals, points)
+        flops = planned_row_flops(shape, tokens, lowest, trainable, evals, points, supervised)
         if ft is not None and _lower_layers_cached(ft, lowest, plan.train):
             keys = [("train", _key(_data_options(plan.train)), lowest)]
             keys += [("eval", _key(_data_options(cfg)), lowest) for cfg in plan.evals.values()]

@@ -11,8 +11,9 @@ FLOP formula (model FLOPs; the convention of bench/common.py, summed per matrix 
                 there; P-Tuning v2, LoRA on all layers and full fine-tuning reach layer 0)
     N_trainable trainable parameters (trainable.json): their weight gradients
   training, per (non-pad) token:  2 N_body forward + 2 N_active input grads + 2 N_trainable weight grads
-      (= 6 N for full fine-tuning of the body; the head is left out because tunelab computes logits
-       only at supervised positions and that count is not recorded: the figure is conservative); on
+      (= 6 N for full fine-tuning of the body), plus 4 N_head (forward and input grads) per supervised
+      position, the only ones tunelab sends through the head (`train_supervised_tokens`; rows recorded
+      before it leave the head out); on
       cached layer-k inputs (tunelab/layer_cache.py) the layers below k count only for the tokens they
       ran over (`train_cached_layer`, `train_lower_layer_tokens`: once per sample, 0 when read from disk)
   likelihood scoring:  2 N_body x tokens scored (prompt + reference) + 2 N_head x reference tokens, the
@@ -81,8 +82,10 @@ class ModelShape:
         return {"layers": list(self.layers), "other_body": self.other_body, "head": self.head}
 
 
-def train_flops(shape: ModelShape, tokens: float, lowest_trainable_layer: int, trainable: int) -> float:
-    return 2.0 * tokens * (shape.body + shape.active(lowest_trainable_layer) + trainable)
+def train_flops(shape: ModelShape, tokens: float, lowest_trainable_layer: int, trainable: int,
+                supervised: float = 0.0) -> float:
+    return 2.0 * tokens * (shape.body + shape.active(lowest_trainable_layer) + trainable) \
+        + 4.0 * shape.head * supervised
 
 
 def scoring_flops(shape: ModelShape, tokens: float, reference_tokens: float) -> float:
@@ -123,10 +126,12 @@ class EvalTokens:
 
 
 def planned_row_flops(shape: ModelShape, train_tokens: float | None, lowest_layer: int, trainable: int,
-                      evals: list[tuple[EvalTokens, bool]], trajectory_points: int = 0) -> dict[str, float]:
-    """{train, scoring, generation} FLOPs of one row: its training (None for the base row), each eval set
-    (with or without generation) and `trajectory_points` likelihood-only evals of each set."""
-    out = {"train": train_flops(shape, train_tokens, lowest_layer, trainable) if train_tokens else 0.0,
+                      evals: list[tuple[EvalTokens, bool]], trajectory_points: int = 0,
+                      supervised: float = 0.0) -> dict[str, float]:
+    """{train, scoring, generation} FLOPs of one row: its training (None for the base row; `supervised`
+    positions over all epochs), each eval set (with or without generation) and `trajectory_points`
+    likelihood-only evals of each set."""
+    out = {"train": train_flops(shape, train_tokens, lowest_layer, trainable, supervised) if train_tokens else 0.0,
            "scoring": 0.0, "generation": 0.0}
     for tokens, generate in evals:
         score, gen = tokens.flops(shape, generate)
@@ -306,7 +311,8 @@ def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any
     if not tokens:
         return None
     lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
-    return train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0)) \
+    supervised = _num(results.get("train_supervised_tokens")) or 0.0  # 0 for runs that did not record it
+    return train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0), supervised) \
         - _cache_spared(shape, results, "train", tokens)
 
 
