@@ -71,13 +71,13 @@ def test_retention_reuses_one_base_pass(tiny_llama_dir, tiny_data_dir, tmp_path,
     calls = []
     import tunelab.evaluate as ev
 
-    original_score = ev.score
+    original_score = ev.score_likelihood  # every scoring of a model, the tuned one's and retention's of the base
 
     def counting_score(model, *a, **k):
         calls.append(type(model).__name__)
         return original_score(model, *a, **k)
 
-    monkeypatch.setattr(ev, "score", counting_score)
+    monkeypatch.setattr(ev, "score_likelihood", counting_score)
     for name in ("a", "b"):
         out = tmp_path / name
         run(parse_args(_predict_argv(tiny_data_dir, out, "--checkpoint_dir", str(ckpt), "--compare_base")))
@@ -272,3 +272,67 @@ def test_predict_shares_the_prompts_forward_with_the_likelihood_pass(tiny_llama_
         (tmp_path / "b" / "generated_predictions.jsonl").read_text()
     assert shared["predict_generation_prompt_tokens"] == 5  # each prompt's last token only
     assert alone["predict_generation_prompt_tokens"] > 5 * 10  # every prompt token
+
+
+@pytest.mark.parametrize("method", [None, "lora"])
+def test_a_rows_eval_sets_share_one_model_load_and_one_generation(tiny_llama_dir, tiny_data_dir, tmp_path,
+                                                                 monkeypatch, method):
+    """run_evals of two sets that differ in data only: one model load, one generate_batched call over both sets'
+    subsets, and per set the scores, predictions and token counts of a run of that set alone (fp32)."""
+    from tunelab import evaluate, generation
+    from tunelab.train import run_evals
+
+    extra = ["--checkpoint_dir", str(_train(tiny_llama_dir, tiny_data_dir, tmp_path / "t", method))] if method else []
+
+    def argv(out, *more):
+        return [*_predict_argv(tiny_data_dir, tmp_path / out, *extra, *more), "--model_name_or_path",
+                str(tiny_llama_dir)]
+
+    sets = [argv("a", "--max_generate_samples", "3"), argv("b", "--max_samples", "4", "--source_prefix", "Be brief.")]
+    alone = [run(parse_args(a)) for a in sets]
+    calls = {"setup_base": 0, "generate": []}
+    real_setup, real_generate = evaluate.setup_base, generation.generate_batched
+
+    def count_setup(*a, **k):
+        calls["setup_base"] += 1
+        return real_setup(*a, **k)
+
+    def count_generate(model, tokenizer, prompts, *a, **k):
+        calls["generate"].append(len(prompts))
+        return real_generate(model, tokenizer, prompts, *a, **k)
+
+    monkeypatch.setattr(evaluate, "setup_base", count_setup)
+    monkeypatch.setattr(generation, "generate_batched", count_generate)
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "fresh_cache"))  # the base passes run again, as alone
+    joint_argv = [[x if x not in (str(tmp_path / "a"), str(tmp_path / "b")) else x + "_joint" for x in a]
+                  for a in sets]
+    joint = run_evals([parse_args(a) for a in joint_argv])
+    assert calls == {"setup_base": 1, "generate": [3 + 4]}
+    for name, one, both in zip("ab", alone, joint):
+        for key in ("predict_nll", "predict_kl", "predict_bleu-4", "predict_rouge-l", "predict_generated_samples",
+                    "predict_tokens_generated", "predict_generation_prompt_tokens", "predict_tokens_scored"):
+            assert both[key] == pytest.approx(one[key], abs=1e-5), (name, key)
+        assert both["predict_generation_joint_sets"] == 2 and "predict_generation_joint_sets" not in one
+        assert (tmp_path / name / "generated_predictions.jsonl").read_text() == \
+            (tmp_path / f"{name}_joint" / "generated_predictions.jsonl").read_text()
+        assert json.loads((tmp_path / f"{name}_joint" / "predict_results.json").read_text()) == both
+        assert json.loads((tmp_path / f"{name}_joint" / "run_status.json").read_text())["status"] == "done"
+    # the joint generation's time is shared by answers: 3 of 7, 4 of 7
+    assert joint[0]["predict_generation_runtime"] == pytest.approx(
+        joint[0]["predict_generation_joint_runtime"] * 3 / 7, abs=2e-3)
+
+
+def test_eval_sets_with_other_generation_options_run_one_after_another(tiny_llama_dir, tiny_data_dir, tmp_path,
+                                                                      monkeypatch):
+    from tunelab import evaluate, generation
+    from tunelab.train import run_evals
+
+    base = ["--model_name_or_path", str(tiny_llama_dir)]
+    sets = [parse_args([*_predict_argv(tiny_data_dir, tmp_path / "a"), *base]),
+            parse_args([*_predict_argv(tiny_data_dir, tmp_path / "b", "--max_new_tokens", "3"), *base])]
+    assert not evaluate.joinable(sets) and evaluate.joinable([sets[0], sets[0]])
+    calls = []
+    real = generation.generate_batched
+    monkeypatch.setattr(generation, "generate_batched", lambda m, t, p, *a, **k: calls.append(len(p)) or real(m, t, p, *a, **k))
+    results = run_evals(sets)
+    assert calls == [5, 5] and all("predict_generation_joint_sets" not in r for r in results)

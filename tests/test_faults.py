@@ -390,7 +390,7 @@ def test_a_failed_or_interrupted_predict_says_so_in_run_status(tiny_llama_dir, t
     import tunelab.evaluate
     from tunelab import integrity
 
-    monkeypatch.setattr(tunelab.evaluate, "score", fault)  # fails while scoring, after the model loaded
+    monkeypatch.setattr(tunelab.evaluate, "score_likelihood", fault)  # fails while scoring, after the model loaded
     ctx = Ctx(tiny_llama_dir, tiny_data_dir, tmp_path / "eval", tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     assert main(_predict_argv(ctx)) == code
@@ -399,6 +399,33 @@ def test_a_failed_or_interrupted_predict_says_so_in_run_status(tiny_llama_dir, t
     assert recorded["status"] == status and recorded["error"]
     assert not (ctx.out / "predict_results.json").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handlers are gone again
+
+
+def test_a_failure_in_a_joint_eval_marks_every_set_failed(tiny_llama_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """run_evals of two sets (one model, one generation): the second set's scoring fails, so neither set has
+    results and both run_status.json say failed with the error."""
+    import tunelab.evaluate
+    from tunelab import integrity
+    from tunelab.hparams import parse_args
+    from tunelab.train import run_evals
+
+    real, calls = tunelab.evaluate.score_likelihood, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            _disk_full()
+        return real(*a, **k)
+
+    monkeypatch.setattr(tunelab.evaluate, "score_likelihood", second_fails)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(OSError):
+        run_evals([parse_args(_predict_argv(Ctx(tiny_llama_dir, tiny_data_dir, out, tmp_path))[1:] + ["--do_predict"])
+                   for out in outs])
+    for out in outs:
+        recorded = integrity.read_status(out)
+        assert recorded["status"] == "failed" and "No space left" in recorded["error"]
+        assert not (out / "predict_results.json").exists()
 
 
 # ---- what peft refuses: one line at the call site, naming the options or the checkpoint ----

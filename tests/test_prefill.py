@@ -173,3 +173,22 @@ def test_prompt_cache_budget_and_fallback(tiny_llama_dir, tiny_tokenizer):
     assert generate_batched(model, tiny_tokenizer, prompts, kwargs, progress=False, max_batch_tokens=10**6,
                             prompt_cache=cache) == \
         generate_batched(model, tiny_tokenizer, prompts, kwargs, progress=False, max_batch_tokens=10**6)
+
+
+def test_chained_prompt_caches_map_positions_to_each_sets_own_cache():
+    """Two sets' caches end to end (a joint generation): position j reaches the part it falls in, through views
+    (a shard of the whole) too; a part without a cache gives None; a position past the end is an error."""
+    piece = [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))]
+    first = prefill.PromptCache({0: 3, 2: 3}, 1 << 30)
+    second = prefill.PromptCache({1: 3}, 1 << 30)
+    for cache, index in ((first, 0), (first, 2), (second, 1)):
+        cache.add(index, piece)
+    # set one generates its samples 0 and 2, set two its sample 1, a third set has no cache
+    chained = prefill.ChainedPromptCaches([(first.view([0, 2]), 2), (second.view([1]), 1), (None, 2)])
+    shard = chained.view([1, 2, 3])  # the whole's positions 1, 2, 3
+    assert shard.take(0) is not None and first.take(2) is None  # position 1 = set one's sample 2, taken
+    assert shard.take(1) is not None and second.take(1) is None  # position 2 = set two's sample 1
+    assert shard.take(2) is None                                 # position 3: the set without a cache
+    assert chained.take(0) is not None and chained.take(0) is None  # taken once
+    with pytest.raises(IndexError):
+        chained.take(5)

@@ -90,6 +90,31 @@ class FailingRun:
         return fake_run(args)
 
 
+class JointRun:
+    """fake_run with `evals`: a row's eval stages in one call (as tunelab.train.run_evals), logged as one
+    "evals" line naming the stages; each stage reports predict_runtime `runtimes[i]`."""
+
+    def __init__(self, runtimes=(1.0, 3.0), match: str | None = None):
+        self.runtimes, self.match = runtimes, match
+
+    def __call__(self, args) -> dict[str, Any]:
+        return fake_run(args)
+
+    def evals(self, args_list) -> list[dict[str, Any]]:
+        outs = [Path(a.training.output_dir) for a in args_list]
+        study_dir = outs[0].parents[2]
+        with (study_dir / "calls.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": "evals", "stages": [str(o.relative_to(study_dir)) for o in outs]}) + "\n")
+        if self.match and any(self.match in str(o) for o in outs):
+            raise KeyboardInterrupt(f"stopped in {self.match}")
+        results = []
+        for args, runtime in zip(args_list, self.runtimes):
+            out = Path(args.training.output_dir)
+            results.append(write_predict_files(out, {m: 1.0 for m in METRICS}, nll=[2.0, 2.5]))
+            results[-1]["predict_runtime"] = runtime
+        return results
+
+
 def read_calls(study_dir: Path) -> list[dict[str, Any]]:
     path = Path(study_dir) / "calls.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

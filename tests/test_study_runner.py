@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_study_efficiency import fake_calibrate
-from test_study_fakes import FailingRun, fake_run, read_calls, tiny_plans
+from test_study_fakes import FailingRun, JointRun, fake_run, read_calls, tiny_plans
 
 from tunelab import integrity
 from tunelab.hparams import TunelabError
@@ -38,6 +38,30 @@ def test_a_study_runs_every_stage_once_and_records_each_row(tmp_path):
     # evals of a trained row load its checkpoint; the method comes from the checkpoint, not from flags
     evals = [c for c in calls if c["stage"].startswith("rows/r01") and not c["stage"].endswith("train")]
     assert all(c["checkpoint_dir"].endswith("rows/r01_lora_qkv_s42/train") for c in evals)
+
+
+def test_a_run_fn_with_evals_gets_each_rows_eval_stages_in_one_call(tmp_path):
+    """Training alone, then both eval sets in one call; each stage's seconds are the call's time shared by the
+    stages' own runtimes (1 : 3), and row.json names the stage each ran with. A row stopped during that call
+    redoes both; a row with one eval set left runs it alone."""
+    _, plans = tiny_plans(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(plans, tmp_path, run_fn=JointRun(match="r02_"), log=_quiet)
+    calls = read_calls(tmp_path)
+    assert [c["stage"] for c in calls] == ["evals", "rows/r01_lora_qkv_s42/train", "evals",
+                                           "rows/r02_freeze_mlp_aux_s42/train", "evals"]
+    assert calls[2]["stages"] == ["rows/r01_lora_qkv_s42/persona", "rows/r01_lora_qkv_s42/general"]
+    row = read_row(tmp_path / plans[1].dir)
+    persona, general = row["stages"]["persona"], row["stages"]["general"]
+    assert persona["run_with"] == ["general"] and general["run_with"] == ["persona"]
+    assert general["seconds"] == pytest.approx(3 * persona["seconds"], abs=0.1)
+    assert read_row(tmp_path / plans[2].dir)["stages"]["persona"]["status"] == "interrupted"
+    fake_run(runner._parse(plans[2].evals["persona"]))  # say row 2's persona set had finished after all
+    calls = read_calls(tmp_path)
+    run_study(plans, tmp_path, run_fn=JointRun(), log=_quiet)
+    later = [c["stage"] for c in read_calls(tmp_path)[len(calls):]]
+    assert later == ["rows/r02_freeze_mlp_aux_s42/general", "rows/r03_p_tuning_s42/train", "evals"]
+    assert all(read_row(tmp_path / p.dir)["status"] == "done" for p in plans)
 
 
 def test_the_base_row_is_evaluated_once_and_never_trained(tmp_path):
@@ -240,6 +264,10 @@ def test_tiny_study_end_to_end(tiny_llama_dir, tmp_path):
     assert trainable == {"r01_lora_qkv_last1_s42": 8 * (64 + 48 + 48), "r02_freeze_mlp_last1_aux_s42": 3 * 32 * 64,
                          "r03_p_tuning_s42": 4 * 4 * 2 * 16}
     assert (out / "rows/r01_lora_qkv_last1_s42/persona/generated_predictions.jsonl").is_file()
+    # each row's two eval sets ran in one call: one model load, one generation (tunelab.evaluate.run_evals)
+    assert all(r["stages"]["persona"]["run_with"] == ["general"] for r in rows.values())
+    general = json.loads((out / "rows/r01_lora_qkv_last1_s42/general/predict_results.json").read_text())
+    assert general["predict_generation_joint_sets"] == 2
     report = (out / "report.md").read_text()
     assert "| 3 | p_tuning | prefix | all | no | 512 |" in report
     # the per-sample likelihood measures (issue 14): files per stage, columns with CIs, verdicts on NLL

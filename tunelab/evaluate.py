@@ -20,6 +20,12 @@ forward runs once: the likelihood pass over prompt + reference keeps the generat
 (tunelab.prefill.PromptCache; on the base model itself that pass is the base pass) and generation decodes on
 from them -- except where cached lower layers make the pass cheaper than sharing (tunelab/layer_cache.py).
 
+Several data sets of one model (a study row's persona and general sets: `run_evals`, or
+tunelab.train.run_evals): when they differ only in their data options and output dirs, the model loads once,
+each set gets its base and likelihood passes, and one generation decodes every set's answers side by side
+(a decoding step on a CPU reads every weight whatever the batch: 12 rows cost little more than 6), each set
+then writing its own files as above, with its share of the joint generation time.
+
 Under `torchrun` / `accelerate launch` every rank loads the model, scores its share of the samples
 (tunelab/distributed.py) and the answers are gathered back in data-set order; only rank 0 writes.
 """
@@ -132,15 +138,20 @@ def generation_subset(n: int, limit: int | None) -> list[int]:
 def predict(model, tokenizer, dataset, args: Args, prompt_cache=None, stats: dict | None = None) -> list[str]:
     """The generated answer to every sample, in data-set order (each rank generates its shard); prompts found in
     `prompt_cache` (positions = dataset rows) are not run again. `stats["prompt_tokens"]`: the prompt tokens
-    generation ran, all ranks (tunelab.generation.generate_batched)."""
+    generation ran, all ranks (tunelab.generation.generate_batched); `stats["prompt_tokens_each"]` per sample."""
+    return predict_prompts(model, tokenizer, list(dataset["input_ids"]), args, prompt_cache, stats)
+
+
+def predict_prompts(model, tokenizer, prompts: list[list[int]], args: Args, prompt_cache=None,
+                    stats: dict | None = None) -> list[str]:
+    """`predict` over token-id prompts (one data set's, or several sets' end to end)."""
     from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
     kwargs = generation_kwargs(args.generation, tokenizer)
-    prompts = list(dataset["input_ids"])
     shard = distributed.my_shard(len(prompts))
     mine = [prompts[i] for i in shard]
-    mine_stats: dict[str, int] = {}
+    mine_stats: dict[str, Any] = {}
     with autocast(args):
         answers = generate_batched(model, tokenizer, mine, kwargs, batch_size=args.training.per_device_eval_batch_size,
                                    seed=args.training.seed, progress=distributed.is_main(),
@@ -149,6 +160,8 @@ def predict(model, tokenizer, dataset, args: Args, prompt_cache=None, stats: dic
                                    stats=mine_stats)
     if stats is not None:
         stats["prompt_tokens"] = sum(s.get("prompt_tokens", 0) for s in distributed.all_gather(mine_stats))
+        stats["prompt_tokens_each"] = distributed.gather_in_order(mine_stats.get("prompt_tokens_each", [0] * len(mine)),
+                                                                  len(prompts))
     return distributed.gather_in_order(answers, len(prompts))
 
 
@@ -169,8 +182,16 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
     sample, and BLEU/ROUGE of the answers generated for the --max_generate_samples subset when `generate`.
     `is_base`: the model is the base model itself, so kl = 0 (and its nll is `base`'s when given).
     `prompt_cache` (shared_prompts): prompt keys/values the likelihood pass keeps, or kept, for generation."""
+    scored = score_likelihood(model, tokenizer, dataset, args, base, is_base, prompt_cache)
+    if generate:
+        generate_answers(model, tokenizer, [(scored, dataset, args, prompt_cache)])
+    return scored
+
+
+def score_likelihood(model, tokenizer, dataset, args: Args, base=None, is_base: bool = False,
+                     prompt_cache=None) -> Scored:
+    """The likelihood half of `score`: per-sample NLL / KL of every sample (metrics without generation)."""
     from tunelab import likelihood
-    from tunelab.metrics import score_corpus
 
     start = time.time()
     tokens_scored = 0  # tokens this call ran through the model (the study's efficiency figures)
@@ -182,29 +203,58 @@ def score(model, tokenizer, dataset, args: Args, generate: bool, base=None, is_b
         scores = scores.with_zero_kl() if is_base else scores
         tokens_scored = scored_tokens(dataset)
     agg = likelihood.aggregate(scores)
+    seconds = round(time.time() - start, 3)
     metrics: dict[str, Any] = {"loss": agg["nll"], **agg,
                                "kl_topk_mass": None if base is None else round(base.covered_mass(), 6),
-                               "tokens_scored": tokens_scored, "scoring_runtime": round(time.time() - start, 3)}
+                               "tokens_scored": tokens_scored, "scoring_runtime": seconds,
+                               "samples": len(dataset)}
     scored = Scored(metrics, likelihood.records(scores))
-    if generate:
-        generation_start = time.time()
+    _set_runtime(scored, seconds)
+    return scored
+
+
+def generate_answers(model, tokenizer, sets: list[tuple[Scored, Any, Args, Any]]) -> None:
+    """Generate the --max_generate_samples subset of each (scored, dataset, args, prompt_cache) in one
+    generation over all their prompts, and add the answers and their BLEU/ROUGE to each Scored. Several sets
+    (joinable: the same model and generation options) decode side by side: a decoding step on a CPU costs about
+    the same for 6 rows as for 12 (it reads every weight either way), so two sets of a study row take little
+    more than one. Each set's generation_runtime is its share of the joint time by answers."""
+    from tunelab.metrics import score_corpus
+    from tunelab.prefill import ChainedPromptCaches
+
+    start = time.time()
+    subsets, caches = [], []
+    for scored, dataset, args, cache in sets:
         scored.indices = generation_subset(len(dataset), args.generation.max_generate_samples)
-        subset = dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset
-        stats: dict[str, int] = {}
-        scored.predictions = predict(model, tokenizer, subset, args,
-                                     None if prompt_cache is None else prompt_cache.view(scored.indices), stats)
-        metrics["generation_runtime"] = round(time.time() - generation_start, 3)
+        subsets.append(dataset.select(scored.indices) if len(scored.indices) < len(dataset) else dataset)
+        caches.append((None if cache is None else cache.view(scored.indices), len(scored.indices)))
+    prompts = [ids for subset in subsets for ids in subset["input_ids"]]
+    chained = None if all(c is None for c, _ in caches) else ChainedPromptCaches(caches)
+    stats: dict[str, Any] = {}
+    answers = predict_prompts(model, tokenizer, prompts, sets[0][2], chained, stats)
+    seconds, total, offset = time.time() - start, max(len(prompts), 1), 0
+    for (scored, _, _, _), subset in zip(sets, subsets):
+        n, metrics = len(subset), scored.metrics
+        scored.predictions = answers[offset:offset + n]
+        metrics["generation_runtime"] = round(seconds * n / total, 3)
+        if len(sets) > 1:  # the set's share: this whole generation decoded every set's answers together
+            metrics["generation_joint_sets"], metrics["generation_joint_runtime"] = len(sets), round(seconds, 3)
         # prompt tokens generation ran itself (the rest came from the likelihood pass's keys/values)
-        metrics["generation_prompt_tokens"] = stats.get("prompt_tokens", 0)
+        metrics["generation_prompt_tokens"] = sum(stats["prompt_tokens_each"][offset:offset + n])
         # new tokens, counted by re-encoding the answers (the end token is not in them)
         metrics["tokens_generated"] = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
                                           for p in scored.predictions)
+        metric_start = time.time()
         metrics.update(score_corpus(scored.predictions, list(subset["label"])))
-        metrics["generated_samples"] = len(scored.indices)
-    metrics["samples"] = len(dataset)
-    metrics["runtime"] = round(time.time() - start, 3)
-    metrics["samples_per_second"] = round(len(dataset) / max(metrics["runtime"], 1e-9), 3)
-    return scored
+        metrics["generated_samples"] = n
+        _set_runtime(scored, metrics["scoring_runtime"] + metrics["generation_runtime"] + time.time() - metric_start)
+        offset += n
+
+
+def _set_runtime(scored: Scored, seconds: float) -> None:
+    metrics = scored.metrics
+    metrics["runtime"] = round(seconds, 3)
+    metrics["samples_per_second"] = round(metrics["samples"] / max(seconds, 1e-9), 3)
 
 
 def write_predictions(path: Path, dataset, preds: list[str], indices: list[int]) -> None:
@@ -231,66 +281,132 @@ def run_eval(args: Args, stage: str) -> dict[str, Any]:
     """Score the model (see the module docstring) with run_status.json saying how it went: "running" once
     the model has loaded, then "done", "failed" or "interrupted" (a signal stops eval at once: it has no
     step to finish and nothing to resume)."""
+    return run_evals([args], stage)[0]
+
+
+def run_evals(args_list: list[Args], stage: str) -> list[dict[str, Any]]:
+    """run_eval of several data sets on one model (a study row's eval sets), their metrics in order. Sets that
+    differ only in their data options and output dirs (`joinable`) share one model load and one generation
+    (generate_answers: their answers decode side by side); others run one run_eval after another."""
     from tunelab import integrity, runinfo, signals
 
-    check_model_options(args.model)
-    out = runinfo.check_output_dir(args)
-    training, device = distributed.setup(resolve_precision(args))
+    if len(args_list) > 1 and not joinable(args_list):
+        return [result for args in args_list for result in run_evals([args], stage)]
+    first = args_list[0]
+    check_model_options(first.model)
+    outs = [runinfo.check_output_dir(args) for args in args_list]
+    training, device = distributed.setup(resolve_precision(first))
     distributed.barrier()  # every rank has checked output_dir before rank 0 writes into it
     with signals.graceful(at_once=True):
-        loaded = setup_base(dataclasses.replace(args, training=training), stage)
-        with integrity.recorded(out, main=distributed.is_main()):
-            return _evaluate(loaded, stage, out, device)
+        loaded = setup_base(dataclasses.replace(first, training=training), stage)
+        with contextlib.ExitStack() as recorded:
+            for out in outs:
+                recorded.enter_context(integrity.recorded(out, main=distributed.is_main()))
+            targets = [(loaded.args, outs[0])] + [(_set_args(args, training, loaded.checkpoints), out)
+                                                   for args, out in zip(args_list[1:], outs[1:])]
+            return _evaluate(loaded, stage, targets, device)
 
 
-def _evaluate(loaded, stage: str, out: Path, device) -> dict[str, Any]:
-    """Base pass -> checkpoints applied -> likelihood pass and generation -> result files."""
-    from tunelab import runinfo
+def joinable(args_list: list[Args]) -> bool:
+    """Whether these runs differ only in their data options (which data, how many samples scored and
+    generated) and output dirs, and compare with no base model: then one model serves them all (run_evals)."""
+    def key(args: Args):
+        training = {k: v for k, v in args.training.to_dict().items() if k not in ("output_dir", "logging_dir")}
+        return (args.model, args.finetune, dataclasses.replace(args.generation, max_generate_samples=None),
+                args.run, training)
+
+    first = key(args_list[0])
+    return not args_list[0].generation.compare_base and all(key(args) == first for args in args_list[1:])
+
+
+def _set_args(args: Args, training, checkpoints: list[str]) -> Args:
+    """A further set's options as setup_base makes the first's: the distributed set-up's training options with
+    the set's own output dir, and the checkpoint's prompt options where the set does not set them."""
+    import copy
+
+    from tunelab.setup import inherit_from_checkpoint
+
+    own = copy.copy(training)
+    own.output_dir = args.training.output_dir
+    return dataclasses.replace(args, training=own, data=inherit_from_checkpoint(args, checkpoints))
+
+
+@dataclasses.dataclass
+class _EvalSet:
+    """One data set of an eval run, through its stages (_evaluate)."""
+
+    args: Args
+    out: Path
+    dataset: Any
+    shared: Any = None           # tunelab.prefill.PromptCache for generation, or None
+    base: Any = None             # the base model's BaseTopK on the set, or None
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)  # base pass and lower-layer cache records
+    scored: Scored | None = None
+
+
+def _evaluate(loaded, stage: str, targets: list[tuple[Args, Path]], device) -> list[dict[str, Any]]:
+    """Each set's base pass -> checkpoints applied -> each set's likelihood pass -> generation of all sets
+    together -> each set's result files."""
     from tunelab.layer_cache import lower_layer_cache
-    from tunelab.preprocess import build_dataset
 
-    args, tokenizer = loaded.args, loaded.tokenizer
-    with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
-        dataset = build_dataset(args.data, tokenizer, "eval")
-    generate = stage == "predict" or args.training.predict_with_generate
-    # the base model's pass runs before the checkpoints apply; on the base model itself it is the likelihood
-    # pass, and keeps the prompts' keys/values for generation
-    shared = None if loaded.checkpoints else shared_prompts(loaded.model, dataset, tokenizer, args, generate)
-    base_start, ran = time.time(), {}
-    base = base_pass(args, loaded.model, tokenizer, loaded.base_path, loaded.checkpoints, dataset, device, shared, ran)
-    base_seconds = round(time.time() - base_start, 3)  # ~0 on a cache hit; bench/predict.py reads it
-    base_tokens = ran.get("tokens", 0)  # tokens the base pass ran through the model: 0 on a cache hit
+    tokenizer, checkpoints = loaded.tokenizer, loaded.checkpoints
+    generate = stage == "predict" or loaded.args.training.predict_with_generate
+    sets = [_base_side(loaded, args, out, generate, device) for args, out in targets]
     loaded = apply_checkpoints(loaded)
     # nothing trains here: frozen weights also let the lower-layer cache apply to every method's checkpoint
     # (a loaded Freeze checkpoint's layers would otherwise keep requires_grad from from_pretrained)
     model = loaded.model.to(device).eval().requires_grad_(False)
-    with lower_layer_cache(model, loaded.method, args) as store:  # the likelihood pass reuses cached lower
-        # layers (cheaper than sharing the prompts' forward with generation, which runs them all)
-        if store is None and loaded.checkpoints:
-            shared = shared_prompts(model, dataset, tokenizer, args, generate)
-        scored = score(model, tokenizer, dataset, args, generate, base=base, is_base=not loaded.checkpoints,
-                       prompt_cache=shared)
-    metrics = {**scored.metrics, "base_pass_runtime": base_seconds, "base_pass_tokens": base_tokens}
-    if store is not None and scored.metrics["tokens_scored"]:  # the likelihood pass ran on cached lower layers
-        metrics.update(store.records())
-    main = distributed.is_main()
-    if main:
-        runinfo.write_run_files(out, args, {"decoding.json": decoding_record(args)})
-        write_scored(out, stage, scored, dataset)
-    table = None
-    if args.generation.compare_base and generate and loaded.checkpoints:
+    for s in sets:
+        with lower_layer_cache(model, loaded.method, s.args) as store:  # the likelihood pass reuses cached lower
+            # layers (cheaper than sharing the prompts' forward with generation, which runs them all)
+            if store is None and checkpoints:
+                s.shared = shared_prompts(model, s.dataset, tokenizer, s.args, generate)
+            s.scored = score_likelihood(model, tokenizer, s.dataset, s.args, base=s.base, is_base=not checkpoints,
+                                        prompt_cache=s.shared)
+            if store is not None and s.scored.metrics["tokens_scored"]:  # the pass ran on cached lower layers
+                s.records.update(store.records())
+    if generate:
+        generate_answers(model, tokenizer, [(s.scored, s.dataset, s.args, s.shared) for s in sets])
+    if len(sets) == 1 and sets[0].args.generation.compare_base and generate and checkpoints:
         base_path = loaded.base_path
         del model, loaded  # free the tuned model before the base model loads
-        table = _compare_base(out, scored, args, base_path, dataset, base)
-    results = {f"{stage}_{k}": v for k, v in metrics.items()}
-    if main:
-        _save_results(out, stage, results)
+        s = sets[0]
+        return [_write_set(s, stage, _compare_base(s.out, s.scored, s.args, base_path, s.dataset, s.base))]
+    return [_write_set(s, stage) for s in sets]
+
+
+def _base_side(loaded, args: Args, out: Path, generate: bool, device) -> _EvalSet:
+    """A set's data, and the base model's pass over it (before the checkpoints apply; on the base model itself it
+    is the likelihood pass, and keeps the prompts' keys/values for generation)."""
+    from tunelab.preprocess import build_dataset
+
+    with args.training.main_process_first(desc="tokenize"):  # one rank per node tokenizes; the rest hit its cache
+        dataset = build_dataset(args.data, loaded.tokenizer, "eval")
+    s = _EvalSet(args, out, dataset)
+    s.shared = None if loaded.checkpoints else shared_prompts(loaded.model, dataset, loaded.tokenizer, args, generate)
+    start, ran = time.time(), {}
+    s.base = base_pass(args, loaded.model, loaded.tokenizer, loaded.base_path, loaded.checkpoints, dataset, device,
+                       s.shared, ran)
+    s.records = {"base_pass_runtime": round(time.time() - start, 3),  # ~0 on a cache hit; bench/predict.py reads it
+                 "base_pass_tokens": ran.get("tokens", 0)}  # tokens the base pass ran through the model: 0 on a hit
+    return s
+
+
+def _write_set(s: _EvalSet, stage: str, table: dict | None = None) -> dict[str, Any]:
+    """A set's files (run files, likelihood.jsonl, predictions, {stage}_results.json); its results, printed."""
+    from tunelab import runinfo
+
+    results = {f"{stage}_{k}": v for k, v in {**s.scored.metrics, **s.records}.items()}
+    if distributed.is_main():
+        runinfo.write_run_files(s.out, s.args, {"decoding.json": decoding_record(s.args)})
+        write_scored(s.out, stage, s.scored, s.dataset)
+        _save_results(s.out, stage, results)
         for key, value in results.items():
             print(f"  {key:<28} = {value}")
         if table is not None:
             from tunelab.retention import format_retention
 
-            print(format_retention(table, len(dataset)), flush=True)
+            print(format_retention(table, len(s.dataset)), flush=True)
     return results
 
 

@@ -194,16 +194,16 @@ def cut_at_end(tokens: list[int], end_ids) -> tuple[list[int], bool]:
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], budgets: list[int],
                     kwargs: dict[str, Any], device, prefill_chunk_tokens: int | None,
-                    pieces: list | None = None) -> tuple[list[str], int]:
-    """The batch's answers, and the real prompt tokens the model ran for them (1 per row on `pieces`)."""
+                    pieces: list | None = None) -> tuple[list[str], list[int]]:
+    """The batch's answers, and the real prompt tokens the model ran for each (1 per row on `pieces`)."""
     from tunelab import prefill
 
     input_ids, mask = _left_pad(prompts, kwargs["pad_token_id"])
     input_ids, mask = input_ids.to(device), mask.to(device)
-    cache, ran = None, sum(len(p) for p in prompts)
+    cache, ran = None, [len(p) for p in prompts]
     if prefill.applies(model, kwargs):
         if pieces is not None and input_ids.shape[1] > 1:  # the likelihood pass's prompt cache
-            cache, ran = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1), len(prompts)
+            cache, ran = prefill.stacked_cache(model, pieces, input_ids.shape[1] - 1), [1] * len(prompts)
         elif prefill_chunk_tokens is not None:
             cache = prefill.chunked_prefill(model, input_ids, mask, prefill_chunk_tokens)
     if cache is not None:
@@ -252,7 +252,8 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own), or
     taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's.
     `stats["prompt_tokens"]` (when given) counts the real prompt tokens this call ran through the model: all of
-    a prompt's, or only its last one when its keys/values came from `prompt_cache` (the study's FLOPs)."""
+    a prompt's, or only its last one when its keys/values came from `prompt_cache` (the study's FLOPs);
+    `stats["prompt_tokens_each"]` the same per prompt, in the order given (0 for a prompt not run)."""
     import torch
 
     from tunelab.attention import DEFAULT_OPTIONS, packed_attention_enabled
@@ -285,7 +286,10 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                                              [budgets[i] for i in batch], kwargs, device, prefill_chunk_tokens,
                                              _cached_prompts(prompt_cache, batch))
                 if stats is not None:
-                    stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + ran
+                    each = stats.setdefault("prompt_tokens_each", [0] * len(prompts))
+                    for i, tokens in zip(batch, ran):
+                        each[i] = tokens
+                    stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + sum(ran)
                 for i, text in zip(batch, texts):
                     answers[i] = text
                 bar.update(len(batch))

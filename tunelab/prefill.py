@@ -159,6 +159,29 @@ class PromptCache:
         return self._store.pop(self._index(position), None)
 
 
+class ChainedPromptCaches:
+    """Several data sets' prompt caches end to end, as one generation over all their prompts sees them
+    (tunelab/evaluate.py's joint generation): position j of the whole is position j - offset in the part it
+    falls in. `parts`: (a PromptCache view or None, its number of prompts), in order."""
+
+    def __init__(self, parts: list[tuple[PromptCache | None, int]], _map: list[int] | None = None):
+        self.parts, self._map = parts, _map
+
+    def view(self, indices: list[int]) -> ChainedPromptCaches:
+        return ChainedPromptCaches(self.parts, [self._position(i) for i in indices])
+
+    def _position(self, position: int) -> int:
+        return position if self._map is None else self._map[position]
+
+    def take(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        local = self._position(position)
+        for cache, size in self.parts:
+            if local < size:
+                return None if cache is None else cache.take(local)
+            local -= size
+        raise IndexError(f"prompt {position} is past the {sum(n for _, n in self.parts)} prompts of the caches")
+
+
 def output_cache(out):
     """The KV cache in a model output (transformers 5 names it `cache`, earlier ones `past_key_values`)."""
     return out["cache"] if "cache" in out else out.get("past_key_values")
@@ -169,5 +192,5 @@ def _forward_cache(model, ids: torch.Tensor, mask: torch.Tensor):
                               use_cache=True, logits_to_keep=1))
 
 
-__all__ = ["PromptCache", "applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg", "output_cache",
+__all__ = ["ChainedPromptCaches", "PromptCache", "applies", "chunk_rows", "chunked_prefill", "generate_cache_kwarg", "output_cache",
            "stacked_cache"]

@@ -73,6 +73,21 @@ def run(args: Args) -> dict[str, Any]:
     return run_eval(args, stage)
 
 
+def run_evals(args_list: list[Args]) -> list[dict[str, Any]]:
+    """Run several eval/predict stages of one model (a study row's eval sets); their metrics in order. Stages of
+    one kind that differ only in their data share the model and one generation (tunelab.evaluate.run_evals)."""
+    from tunelab.evaluate import run_evals as evaluate_sets
+    from tunelab.logs import quiet_known_warnings
+
+    quiet_known_warnings()
+    stages = [check_stage(args.training) for args in args_list]
+    if "train" in stages or len(set(stages)) > 1:
+        return [run(args) for args in args_list]
+    for args in args_list:
+        check_inputs(args, stages[0])
+    return evaluate_sets(args_list, stages[0])
+
+
 def run_train(args: Args) -> dict[str, Any]:
     """Check the output dir and the checkpoint to resume from, then train with run_status.json saying how it
     went (tunelab/integrity.py); a signal stops it after the step with a checkpoint (tunelab/signals.py)."""

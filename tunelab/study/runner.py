@@ -21,7 +21,9 @@ training step (tunelab/signals.py), mark it "interrupted" and end the study; rer
 same files and any of them can resume a study another one started.
 
 `run_fn(args) -> metrics` runs one stage; the default is `tunelab.train.run`, imported only when a row
-runs, so this module imports without torch and tests pass a fake.
+runs, so this module imports without torch and tests pass a fake. A run_fn with an `evals(args_list)`
+attribute (the default: tunelab.train.run_evals) gets a row's eval stages in one call, so they share one
+model load and one generation; row.json then shares the call's time among them by their own runtimes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ def default_run_fn(args) -> dict:
     from tunelab.train import run
 
     return run(args)
+
+
+def _default_run_evals(args_list: list) -> list[dict]:
+    from tunelab.train import run_evals
+
+    return run_evals(args_list)
+
+
+# a run_fn with an `evals(args_list) -> [metrics]` attribute runs a row's eval stages in one call (one model
+# load, one generation for every set: tunelab/evaluate.py run_evals); without it, one call per stage
+default_run_fn.evals = _default_run_evals
 
 
 # ---- files ----
@@ -174,13 +187,16 @@ def _mark_running(record: dict[str, Any], status: str) -> None:
 
 
 def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn) -> None:
-    trained_now = False
-    for stage, cfg in plan.stages():
+    trained_now, evals = False, []
+    for stage, cfg in plan.stages():  # training first, then the eval sets
         kind = "train" if stage == "train" else "eval"
         out = Path(cfg["output_dir"])
         if _finished(out, kind) and not (kind == "eval" and trained_now):
             record["stages"].setdefault(stage, {})["status"] = "done"
             continue  # finished in an earlier attempt
+        if kind == "eval":
+            evals.append((stage, cfg))
+            continue
         signals.check()  # a signal since the last stage: stop here, the row is marked interrupted
         before = record["stages"].get(stage, {})
         avoid = before.get("resumed_from") if before.get("status") == "failed" else None
@@ -191,9 +207,50 @@ def _run_stages(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: Ru
         metrics = run_fn(_parse(cfg))
         record["stages"][stage].update(status="done", seconds=round(time.time() - start, 1), metrics=_jsonable(metrics))
         _write_json(row_dir / ROW_FILE, record)
-        trained_now = trained_now or kind == "train"
+        trained_now = True
+    if evals:
+        _run_evals(evals, record, row_dir, run_fn)
     if plan.eval_every and plan.train:
         _run_trajectory(plan, record, row_dir, run_fn, trained_now)
+
+
+def _run_evals(evals: list[tuple[str, dict[str, Any]]], record: dict[str, Any], row_dir: Path, run_fn: RunFn) -> None:
+    """The row's eval stages still to run: in one call where run_fn has `evals` (each stage's seconds are then
+    the call's time shared by the stages' own runtimes, and row.json names the stages run with it), else one
+    call each."""
+    together = len(evals) > 1 and hasattr(run_fn, "evals")
+    groups = [evals] if together else [[e] for e in evals]
+    for group in groups:
+        signals.check()
+        cfgs = [_prepare_stage_dir(Path(cfg["output_dir"]), cfg, "eval") for _, cfg in group]
+        for stage, _ in group:
+            record["stages"][stage] = {"status": "running", "resumed_from": None}
+        _write_json(row_dir / ROW_FILE, record)
+        start = time.time()
+        args = [_parse(cfg) for cfg in cfgs]
+        results = run_fn.evals(args) if together else [run_fn(args[0])]
+        seconds = time.time() - start
+        names = [stage for stage, _ in group]
+        for (stage, _), metrics, share in zip(group, results, _shares(results)):
+            info = record["stages"][stage]
+            info.update(status="done", seconds=round(seconds * share, 1), metrics=_jsonable(metrics))
+            if together:
+                info["run_with"] = [name for name in names if name != stage]
+        _write_json(row_dir / ROW_FILE, record)
+
+
+def _shares(results: list[Any]) -> list[float]:
+    """Each stage's share of a call that ran them all: its own `*_runtime` metric over their sum; equal shares
+    where one did not report it."""
+    runtimes = [_num_or_none(m.get("predict_runtime", m.get("eval_runtime"))) if isinstance(m, dict) else None
+                for m in results]
+    if any(r is None for r in runtimes) or sum(runtimes) <= 0:
+        return [1.0 / len(results)] * len(results)
+    return [r / sum(runtimes) for r in runtimes]
+
+
+def _num_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _run_trajectory(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn, retrained: bool) -> None:
