@@ -233,3 +233,13 @@ def test_cli_budget_refusals_are_one_line(tmp_path, tiny_llama_dir, monkeypatch)
     assert main([str(spec), "--output_dir", str(out)]) == 0  # a study without --budget ...
     with pytest.raises(TunelabError, match="started without --budget"):  # ... is not resized on resume
         main([str(out), "--budget", "30m"])
+
+
+def test_a_row_is_planned_with_one_stage_call_for_training_and_one_for_its_eval_sets(tmp_path):
+    from test_study_fakes import tiny_plans
+
+    from tunelab.study.sizing import stage_calls
+
+    _, plans = tiny_plans(tmp_path)
+    assert [len(p.evals) for p in plans] == [2, 2, 2, 2]  # two eval sets each, run together (runner.run_evals)
+    assert [stage_calls(p) for p in plans] == [1, 2, 2, 2]  # the base row only evaluates

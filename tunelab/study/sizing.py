@@ -109,5 +109,11 @@ class Planner:
         plans = expand(with_sizes(self.settled, chosen), None, self.study_dir)
         plans = select_rows(plans, self.row_ids) if self.row_ids else plans
         planned = plan_rows(plans, self.shape, self.tokenizer, cache=self.tokens)
-        return Estimate({p.dir: row_seconds(planned[p.dir]["flops"], len(p.stages()), self.peak_gflops, self.mfu)
+        return Estimate({p.dir: row_seconds(planned[p.dir]["flops"], stage_calls(p), self.peak_gflops, self.mfu)
                          for p in plans}, self.devices)
+
+
+def stage_calls(plan) -> int:
+    """The stage calls that run a row, each with its own model load: training, then its eval sets together
+    (the runner's run_evals: one model, one generation)."""
+    return (1 if plan.train else 0) + (1 if plan.evals else 0)
