@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_study_fakes import fake_run, tiny_plans
+from test_study_fakes import FailingRun, fake_run, tiny_plans
 
 from tunelab.study import efficiency as eff
 from tunelab.study.efficiency import Budget, EvalTokens, ModelShape
@@ -193,6 +193,37 @@ def test_the_study_states_its_planned_cost_at_the_start_and_mfu_per_row(tmp_path
     assert data["sessions"][0]["rows"] == 4
     run_study(plans, tmp_path, run_fn=fake_run, log=lines.append, calibrate=fake_calibrate)  # nothing to run
     assert len(json.loads((tmp_path / eff.EFFICIENCY_FILE).read_text())["sessions"]) == 1
+
+
+def test_the_peak_is_measured_again_at_the_end_and_the_mfu_takes_the_highest(tmp_path):
+    """A slow moment of a shared host at the study's start must not flatter its MFU: the session's end measures
+    the peak again (not after a stop), and the report divides by the highest measure and names the lowest."""
+    from tunelab.study.results import read_study
+    from tunelab.study.sections import efficiency_blocks
+
+    _, plans = tiny_plans(tmp_path)
+    measured = []
+
+    def peak(precision):
+        measured.append(precision)
+        return 80.0
+
+    with pytest.raises(KeyboardInterrupt):  # stopped: ends at once, no measure
+        run_study(plans, tmp_path, run_fn=FailingRun("r02_freeze_mlp_aux_s42/train", KeyboardInterrupt),
+                  log=lambda line: None, calibrate=fake_calibrate, measure_peak=peak)
+    run_study(plans, tmp_path, run_fn=fake_run, log=lambda line: None, calibrate=fake_calibrate, measure_peak=peak)
+    assert measured == ["fp32"]
+    data = json.loads((tmp_path / eff.EFFICIENCY_FILE).read_text())
+    assert "peak_gflops_end" not in data["sessions"][0] and data["sessions"][1]["peak_gflops_end"] == 80.0
+    for session in data["sessions"]:
+        session["seconds"] = 10.0  # fake rows take ~0 s
+    (tmp_path / eff.EFFICIENCY_FILE).write_text(json.dumps(data))
+    entries = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    study = eff.read_efficiency(tmp_path, entries)
+    assert study.peak_gflops == 80.0 and sorted(study.peak_measures) == [50.0, 80.0]
+    assert study.mfu == pytest.approx(study.flops / (20.0 * 80e9))
+    text = efficiency_blocks(tmp_path, read_study(tmp_path))[0][2]
+    assert "peak measured 80 GFLOP/s (the highest of 2 measures, the lowest 50)" in text
 
 
 def test_a_failed_calibration_falls_back_to_row_times(tmp_path):

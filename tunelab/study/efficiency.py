@@ -25,7 +25,8 @@ FLOP formula (model FLOPs; the convention of bench/common.py, summed per matrix 
 Not counted, as in bench: attention's T^2 products, norms, activations, the optimizer.
 
 Study MFU = model FLOPs done / (study wall time x measured peak x devices). Wall time: the summed
-duration of the `tunelab study` sessions that ran it (efficiency.json), or the summed row times.
+duration of the `tunelab study` sessions that ran it (efficiency.json), or the summed row times. Peak: the
+highest of the measures at the start (calibration) and end (`peak_gflops_end`) of the sessions.
 
 Token counts a stage records are used when present (`{stage}_tokens_scored`: prompt + reference tokens
 through the likelihood pass; `{stage}_tokens_generated`: new tokens generated; trainer_state.json's
@@ -364,6 +365,7 @@ class StudyEfficiency:
     devices: int
     rows: list[tuple[str, dict[str, float], float | None]]  # (row dir, seconds per part, FLOPs)
     part_flops: dict[str, float] = field(default_factory=dict)  # FLOPs per part over the finished rows
+    peak_measures: list[float] = field(default_factory=list)  # every peak measured (peak_gflops: the highest)
 
     @property
     def mfu(self) -> float | None:
@@ -412,6 +414,15 @@ def read_efficiency(study_dir: Path, entries: list[dict[str, Any]]) -> StudyEffi
         return None
     sessions = [s.get("seconds", 0.0) for s in meta.get("sessions", [])]
     wall = sum(sessions) if sessions else sum(sum(split.values()) for _, split, _ in rows)
-    return StudyEfficiency(sum(parts.values()) if known and shape else None, wall, calibration.get("peak_gflops"),
+    peaks = study_peaks(meta)
+    return StudyEfficiency(sum(parts.values()) if known and shape else None, wall, max(peaks, default=None),
                            calibration.get("precision"), int(calibration.get("devices") or 1), rows,
-                           parts if known and shape else {})
+                           parts if known and shape else {}, peaks)
+
+
+def study_peaks(meta: dict[str, Any]) -> list[float]:
+    """Every matmul peak efficiency.json holds: the calibration's (a session's start) and each session's end
+    measure (`peak_gflops_end`). The MFU takes the highest: on a shared host a slow moment lowers a measure."""
+    found = [(meta.get("calibration") or {}).get("peak_gflops")]
+    found += [s.get("peak_gflops_end") for s in meta.get("sessions", []) if isinstance(s, dict)]
+    return [float(p) for p in found if _num(p)]

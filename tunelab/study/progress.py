@@ -17,6 +17,7 @@ the wall time the study really took, over however many sessions (resumes) it ran
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.study.efficiency import EFFICIENCY_FILE, Budget, ModelShape, row_flops, row_split
+
+logger = logging.getLogger(__name__)
 
 
 def _read(study_dir: Path) -> dict[str, Any]:
@@ -67,14 +70,22 @@ def start_session(study_dir: Path, plans, todo, calibrate: Callable | None, devi
     return budget
 
 
-def end_session(study_dir: Path, progress: Progress) -> None:
-    """Append this session's wall time to efficiency.json (also after Ctrl-C: that time was spent)."""
+def end_session(study_dir: Path, progress: Progress, measure_peak: Callable[[str], float] | None = None) -> None:
+    """Append this session's wall time to efficiency.json (also after Ctrl-C: that time was spent), and with
+    `measure_peak(precision)` the matmul peak measured again now (`peak_gflops_end`: the report's MFU takes the
+    highest measure, as a slow moment of a shared host at the start would flatter it)."""
     if progress.total == 0:
         return
     data = _read(study_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(progress.start))
-    data.setdefault("sessions", []).append({"started": started,
-                                            "seconds": round(time.time() - progress.start, 1), "rows": progress.done})
+    session = {"started": started, "seconds": round(time.time() - progress.start, 1), "rows": progress.done}
+    precision = (data.get("calibration") or {}).get("precision")
+    if measure_peak is not None and precision:
+        try:
+            session["peak_gflops_end"] = round(measure_peak(precision), 1)
+        except Exception as err:  # a figure for the report: never fail the study for it
+            logger.warning("peak not measured again at the end: %s: %s", type(err).__name__, err)
+    data.setdefault("sessions", []).append(session)
     _write(study_dir, data)
 
 

@@ -325,14 +325,21 @@ def default_calibrate(plans: list[RowPlan], devices: int) -> dict[str, Any]:
     return calibrate(plans, devices)
 
 
+def default_peak(precision: str) -> float:
+    from tunelab.study.calibrate import measure_peak
+
+    return measure_peak(precision)
+
+
 def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None = None, workers: int = 1,
               devices: list[str] | None = None, log: Callable[[str], None] | None = None,
-              executor=None, calibrate: Callable[[list[RowPlan], int], dict[str, Any]] | None = None
-              ) -> list[dict[str, Any]]:
+              executor=None, calibrate: Callable[[list[RowPlan], int], dict[str, Any]] | None = None,
+              measure_peak: Callable[[str], float] | None = None) -> list[dict[str, Any]]:
     """Run every plan not yet done (base row first); returns the row records in plan order. `executor`
     (tunelab/study/executors.py) runs the rows elsewhere; by default they run here on `workers` processes.
     `calibrate(plans, devices)` measures this machine for the efficiency figures and the early ETA
-    (tunelab/study/calibrate.py); by default it runs when the rows run here with the real stages."""
+    (tunelab/study/calibrate.py); by default it runs when the rows run here with the real stages, and then
+    `measure_peak(precision)` measures the matmul peak again when the session ends (efficiency.json)."""
     study_dir = Path(study_dir)
     log = log or _study_logger(study_dir)
     check_resumable(plans, study_dir)
@@ -343,19 +350,21 @@ def run_study(plans: list[RowPlan], study_dir: str | Path, run_fn: RunFn | None 
         + (f" on {where}" if where else ""))
     here = executor is None or getattr(executor, "runs_here", False)
     if calibrate is None and run_fn is None and here and todo:
-        calibrate = default_calibrate
+        calibrate, measure_peak = default_calibrate, measure_peak or default_peak
     used = getattr(executor, "devices", None) if executor is not None else devices
     budget = start_session(study_dir, plans, todo, calibrate, len(set(used or [])) or 1, log)
     progress = Progress(todo, executor.parallelism(len(todo)) if executor is not None else workers, log, budget,
                         study_dir)
+    finished = False
     try:
         with signals.graceful():  # SIGINT/SIGTERM: the running row stops cleanly and is marked interrupted
             if executor is not None:
                 executor.run(todo, study_dir, run_fn, progress.update)
             else:
                 run_rows(todo, study_dir, run_fn, workers, devices, progress.update)
-    finally:
-        end_session(study_dir, progress)
+        finished = True
+    finally:  # a stopped session ends at once, without measuring the peak again
+        end_session(study_dir, progress, measure_peak if finished else None)
     return [read_row(study_dir / p.dir) for p in plans]
 
 

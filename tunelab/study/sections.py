@@ -27,12 +27,14 @@ FORGOTTEN_NOTE = ("Per trained row, the general-set samples whose reference answ
                   "per-sample rises of reference NLL (nats/token) against the base model, with the answers of the "
                   "base model and of the row where they were generated.")
 EFFICIENCY_NOTE = ("Model FLOPs: training 2 N_body (forward) + 2 N_active (input gradients down to the lowest "
-                   "trainable layer) + 2 N_trainable (weight gradients) per token, head not counted; likelihood "
+                   "trainable layer) + 2 N_trainable (weight gradients) per token, + 4 N_head (forward and input "
+                   "gradients) per supervised position (rows that did not record them: head not counted); likelihood "
                    "scoring and generation 2 N_body per token through the model + 2 N_head per reference / "
                    "generated token; on cached layer-k inputs the layers below k count only for the tokens they "
                    "ran over, and the base model's pass counts where it ran (formula in "
                    "tunelab/study/efficiency.py). MFU = FLOPs / (wall time x the "
-                   "matmul peak measured on this machine at the study's start). Token counts are the ones the "
+                   "matmul peak measured on this machine: the highest of its measures at the start and the end of "
+                   "each session, as a slow moment of a shared host lowers one). Token counts are the ones the "
                    "stages recorded, else the planned ones from the tokenized data (generation: max_new_tokens "
                    "per answer, an upper bound).")
 
@@ -76,7 +78,7 @@ def efficiency_blocks(study_dir: Path, study: Study) -> list[Block]:
     if eff.mfu is not None:
         head = (f"The study did {eff.flops / 1e12:.2f} TFLOP of model FLOPs in {eff.wall_seconds / 60:.1f} min of wall "
                 f"time on a machine whose {eff.precision} matmul peak measured {eff.peak_gflops:.0f} GFLOP/s"
-                f"{f' x {eff.devices} devices' if eff.devices > 1 else ''}: study MFU {eff.mfu:.0%}.")
+                f"{f' x {eff.devices} devices' if eff.devices > 1 else ''}{_peak_range(eff)}: study MFU {eff.mfu:.0%}.")
     else:
         head = (f"{eff.wall_seconds / 60:.1f} min of row time; MFU unknown (no calibration in efficiency.json, "
                 "or a finished row whose token counts are unknown).")
@@ -86,6 +88,13 @@ def efficiency_blocks(study_dir: Path, study: Study) -> list[Block]:
             f"{PART_NAMES[p]} {by_part[p]:.0%}" for p in PARTS if p in by_part) + "."
     return [("text", "Efficiency", f"{head} Time per part, all rows: {shares}."),
             ("table", "", (header, body)), ("note", "", EFFICIENCY_NOTE)]
+
+
+def _peak_range(eff) -> str:
+    low = min(eff.peak_measures, default=None)
+    if low is None or len(eff.peak_measures) < 2 or low >= eff.peak_gflops:
+        return ""
+    return f" (the highest of {len(eff.peak_measures)} measures, the lowest {low:.0f})"
 
 
 def add_sections(blocks: list[Block], study_dir: Path, study: Study, images: dict[str, bytes]) -> list[Block]:
