@@ -135,16 +135,12 @@ def generation_subset(n: int, limit: int | None) -> list[int]:
     return [(2 * j * n + limit) // (2 * limit) for j in range(limit)]
 
 
-def predict(model, tokenizer, dataset, args: Args, prompt_cache=None, stats: dict | None = None) -> list[str]:
-    """The generated answer to every sample, in data-set order (each rank generates its shard); prompts found in
-    `prompt_cache` (positions = dataset rows) are not run again. `stats["prompt_tokens"]`: the prompt tokens
-    generation ran, all ranks (tunelab.generation.generate_batched); `stats["prompt_tokens_each"]` per sample."""
-    return predict_prompts(model, tokenizer, list(dataset["input_ids"]), args, prompt_cache, stats)
-
-
-def predict_prompts(model, tokenizer, prompts: list[list[int]], args: Args, prompt_cache=None,
-                    stats: dict | None = None) -> list[str]:
-    """`predict` over token-id prompts (one data set's, or several sets' end to end)."""
+def predict(model, tokenizer, prompts: list[list[int]], args: Args, prompt_cache=None,
+            stats: dict | None = None) -> list[str]:
+    """The generated answer to every token-id prompt (one data set's, or several sets' end to end), in order
+    (each rank generates its shard); prompts found in `prompt_cache` (positions = prompts) are not run again.
+    `stats["prompt_tokens_each"]`: the prompt tokens generation ran for each prompt, all ranks
+    (tunelab.generation.generate_batched)."""
     from tunelab.generation import batch_tokens, generate_batched, generation_kwargs
 
     tokenizer.padding_side = "left"
@@ -159,7 +155,6 @@ def predict_prompts(model, tokenizer, prompts: list[list[int]], args: Args, prom
                                    prompt_cache=None if prompt_cache is None else prompt_cache.view(shard),
                                    stats=mine_stats)
     if stats is not None:
-        stats["prompt_tokens"] = sum(s.get("prompt_tokens", 0) for s in distributed.all_gather(mine_stats))
         stats["prompt_tokens_each"] = distributed.gather_in_order(mine_stats.get("prompt_tokens_each", [0] * len(mine)),
                                                                   len(prompts))
     return distributed.gather_in_order(answers, len(prompts))
@@ -231,7 +226,7 @@ def generate_answers(model, tokenizer, sets: list[tuple[Scored, Any, Args, Any]]
     prompts = [ids for subset in subsets for ids in subset["input_ids"]]
     chained = None if all(c is None for c, _ in caches) else ChainedPromptCaches(caches)
     stats: dict[str, Any] = {}
-    answers = predict_prompts(model, tokenizer, prompts, sets[0][2], chained, stats)
+    answers = predict(model, tokenizer, prompts, sets[0][2], chained, stats)
     seconds, total, offset = time.time() - start, max(len(prompts), 1), 0
     for (scored, _, _, _), subset in zip(sets, subsets):
         n, metrics = len(subset), scored.metrics

@@ -251,9 +251,9 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
     with `max_batch_tokens` as many as fit that KV-cache budget (plan_batches); their prompts prefilled in chunks
     of about `prefill_chunk_tokens` (tunelab/prefill.py; None: one forward per batch, HF generate's own), or
     taken from `prompt_cache` (a tunelab.prefill.PromptCache, positions = prompts) where it holds every row's.
-    `stats["prompt_tokens"]` (when given) counts the real prompt tokens this call ran through the model: all of
-    a prompt's, or only its last one when its keys/values came from `prompt_cache` (the study's FLOPs);
-    `stats["prompt_tokens_each"]` the same per prompt, in the order given (0 for a prompt not run)."""
+    `stats["prompt_tokens_each"]` (when given) counts the real prompt tokens this call ran through the model per
+    prompt, in the order given: all of a prompt's, or only its last one when its keys/values came from
+    `prompt_cache` (the study's FLOPs); 0 for a prompt not run."""
     import torch
 
     from tunelab.attention import DEFAULT_OPTIONS, packed_attention_enabled
@@ -289,7 +289,6 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], gen_kwargs: dic
                     each = stats.setdefault("prompt_tokens_each", [0] * len(prompts))
                     for i, tokens in zip(batch, ran):
                         each[i] = tokens
-                    stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + sum(ran)
                 for i, text in zip(batch, texts):
                     answers[i] = text
                 bar.update(len(batch))

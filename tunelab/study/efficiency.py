@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.study.files import read_json_object, stage_results
+from tunelab.study.files import number, read_json_object, stage_results
 
 EFFICIENCY_FILE = "efficiency.json"
 ASSUMED_MFU = 0.4  # before any row has finished: a whole quick study measured 42% (AVX-512 BF16 class, bf16)
@@ -210,23 +210,19 @@ class Budget:
 
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def stage_split(stage: str, info: dict[str, Any], results: dict[str, Any]) -> dict[str, float]:
     """One stage's seconds split into PARTS (module docstring)."""
-    seconds = _num(info.get("seconds")) or 0.0
+    seconds = number(info.get("seconds")) or 0.0
     if stage == "train":
         return {"train": seconds}
     if stage == "trajectory":
         return {"scoring": seconds}
     prefix = _prefix(results)
-    scoring, generation = (_num(results.get(f"{prefix}_{k}")) for k in ("scoring_runtime", "generation_runtime"))
+    scoring, generation = (number(results.get(f"{prefix}_{k}")) for k in ("scoring_runtime", "generation_runtime"))
     if scoring is None and generation is None:
-        generated = prefix == "predict" or _num(results.get(f"{prefix}_generated_samples"))
+        generated = prefix == "predict" or number(results.get(f"{prefix}_generated_samples"))
         return {"eval_unsplit": seconds} if generated else {"scoring": seconds}
-    scoring = (scoring or 0.0) + (_num(results.get(f"{prefix}_base_pass_runtime")) or 0.0)  # the base pass scores too
+    scoring = (scoring or 0.0) + (number(results.get(f"{prefix}_base_pass_runtime")) or 0.0)  # the base pass scores too
     generation = generation or 0.0
     return {"scoring": scoring, "generation": generation, "other": max(seconds - scoring - generation, 0.0)}
 
@@ -251,7 +247,7 @@ def _trajectory_tokens(row_dir: Path) -> tuple[float, float]:
     scored = reference = 0.0
     for point in (row_dir / "trajectory").glob("*/step-*"):
         results = read_json_object(point / "eval_results.json")
-        scored += _num(results.get("eval_tokens_scored")) or 0.0
+        scored += number(results.get("eval_tokens_scored")) or 0.0
         reference += _likelihood_tokens(point)
     return scored, reference
 
@@ -304,15 +300,15 @@ def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any
     state = read_json_object(train_dir / "trainer_state.json")
     trainable = read_json_object(train_dir / "trainable.json")
     results = read_json_object(train_dir / "train_results.json")
-    recorded_tokens = _num(state.get("num_input_tokens_seen"))
-    cached = _num(results.get("train_cached_layer")) is not None
+    recorded_tokens = number(state.get("num_input_tokens_seen"))
+    cached = number(results.get("train_cached_layer")) is not None
     if not recorded_tokens and not cached and (planned.get("flops") or {}).get("train"):
         return planned["flops"]["train"]  # the plan's count (it counts the cache), as no run record says more
-    tokens = recorded_tokens or _num(planned.get("train_tokens"))
+    tokens = recorded_tokens or number(planned.get("train_tokens"))
     if not tokens:
         return None
     lowest = lowest_trainable_layer(trainable.get("finetuning_type", "full"), trainable.get("layers"))
-    supervised = _num(results.get("train_supervised_tokens")) or 0.0  # 0 for runs that did not record it
+    supervised = number(results.get("train_supervised_tokens")) or 0.0  # 0 for runs that did not record it
     return train_flops(shape, tokens, lowest, int(trainable.get("trainable_params") or 0), supervised) \
         - _cache_spared(shape, results, "train", tokens)
 
@@ -320,10 +316,10 @@ def _done_train_flops(train_dir: Path, shape: ModelShape, planned: dict[str, Any
 def _cache_spared(shape: ModelShape, results: dict[str, Any], prefix: str, tokens: float) -> float:
     """The forward FLOPs of layers 0..k-1 that cached layer-k inputs spared a pass over `tokens`: those the
     lower layers did not run over (`{prefix}_cached_layer` = k, `{prefix}_lower_layer_tokens`); 0 without."""
-    k = _num(results.get(f"{prefix}_cached_layer"))
+    k = number(results.get(f"{prefix}_cached_layer"))
     if k is None:
         return 0.0
-    lower_tokens = _num(results.get(f"{prefix}_lower_layer_tokens")) or 0.0
+    lower_tokens = number(results.get(f"{prefix}_lower_layer_tokens")) or 0.0
     return 2.0 * shape.below(int(k)) * max(tokens - lower_tokens, 0.0)
 
 
@@ -336,17 +332,17 @@ def _recorded_eval_flops(row_dir: Path, stages: list[str], shape: ModelShape) ->
     for stage in stages:
         results = stage_results(row_dir / stage)
         prefix = _prefix(results)
-        scored = _num(results.get(f"{prefix}_tokens_scored"))
+        scored = number(results.get(f"{prefix}_tokens_scored"))
         if scored is None:
             return None
         reference = _likelihood_tokens(row_dir / stage)
         scoring += scoring_flops(shape, scored, reference) - _cache_spared(shape, results, prefix, scored)
-        base_tokens = _num(results.get(f"{prefix}_base_pass_tokens"))
+        base_tokens = number(results.get(f"{prefix}_base_pass_tokens"))
         complete = complete and base_tokens is not None
         scoring += scoring_flops(shape, base_tokens, reference) if base_tokens else 0.0
-        new = _num(results.get(f"{prefix}_tokens_generated")) or 0.0
-        n, gen = _num(results.get(f"{prefix}_likelihood_samples")), _num(results.get(f"{prefix}_generated_samples"))
-        prompt = _num(results.get(f"{prefix}_generation_prompt_tokens"))  # older stages: every prompt's tokens
+        new = number(results.get(f"{prefix}_tokens_generated")) or 0.0
+        n, gen = number(results.get(f"{prefix}_likelihood_samples")), number(results.get(f"{prefix}_generated_samples"))
+        prompt = number(results.get(f"{prefix}_generation_prompt_tokens"))  # older stages: every prompt's tokens
         if prompt is None:
             prompt = (scored - reference) * (gen / n) if n and gen is not None else 0.0
         generation += generation_flops(shape, prompt, new) if new else 0.0
@@ -425,4 +421,4 @@ def study_peaks(meta: dict[str, Any]) -> list[float]:
     measure (`peak_gflops_end`). The MFU takes the highest: on a shared host a slow moment lowers a measure."""
     found = [(meta.get("calibration") or {}).get("peak_gflops")]
     found += [s.get("peak_gflops_end") for s in meta.get("sessions", []) if isinstance(s, dict)]
-    return [float(p) for p in found if _num(p)]
+    return [float(p) for p in found if number(p)]

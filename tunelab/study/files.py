@@ -1,6 +1,6 @@
 """Reading a study's JSON files back, forgivingly: the report must build from whatever a study dir holds,
 so a missing, half-written or malformed file reads as empty (the caller says what is missing). Pure over
-files; shared by results.py, efficiency.py, trajectory.py and forgotten.py.
+files; shared by results.py, efficiency.py, trajectory.py, forgotten.py and runner.py.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if isinstance(row, dict):
                 rows.append(row)
     return rows
+
+
+def number(value: Any) -> float | None:
+    """A JSON value as a float when it is a number (not a bool); None otherwise."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def stage_results(stage_dir: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from tunelab.names import (LIKELIHOOD_FILE, METRIC_KEYS, PLAN_FILE, PREDICTIONS_
                            TRAINER_STATE_FILE, results_file)
 from tunelab.plotting import loss_points
 from tunelab.study import stats
-from tunelab.study.files import read_json_object, read_jsonl, stage_results
+from tunelab.study.files import number, read_json_object, read_jsonl, stage_results
 from tunelab.study.spec import MEASURES
 
 METRICS = METRIC_KEYS
@@ -214,9 +214,9 @@ def read_likelihood(path: Path) -> dict[str, Samples]:
     out: dict[str, Samples] = {"nll": {}, "kl": {}}
     for position, row in enumerate(read_jsonl(path)):
         for measure, samples in out.items():
-            value = row.get(measure)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                samples[_index(row, position)] = float(value)
+            value = number(row.get(measure))
+            if value is not None:
+                samples[_index(row, position)] = value
     return {m: v for m, v in out.items() if v}
 
 

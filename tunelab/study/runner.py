@@ -45,7 +45,7 @@ from tunelab import integrity, signals
 from tunelab.errors import TunelabError
 from tunelab.names import PLAN_FILE, ROW_FILE, SPEC_FILE, results_file
 from tunelab.study import trajectory
-from tunelab.study.files import read_json_object
+from tunelab.study.files import number, read_json_object
 from tunelab.study.progress import Progress, end_session, start_session
 from tunelab.study.spec import RowPlan
 
@@ -242,15 +242,11 @@ def _run_evals(evals: list[tuple[str, dict[str, Any]]], record: dict[str, Any], 
 def _shares(results: list[Any]) -> list[float]:
     """Each stage's share of a call that ran them all: its own `*_runtime` metric over their sum; equal shares
     where one did not report it."""
-    runtimes = [_num_or_none(m.get("predict_runtime", m.get("eval_runtime"))) if isinstance(m, dict) else None
+    runtimes = [number(m.get("predict_runtime", m.get("eval_runtime"))) if isinstance(m, dict) else None
                 for m in results]
-    if any(r is None for r in runtimes) or sum(runtimes) <= 0:
+    if any(r is None or r < 0 for r in runtimes) or sum(runtimes) <= 0:
         return [1.0 / len(results)] * len(results)
     return [r / sum(runtimes) for r in runtimes]
-
-
-def _num_or_none(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _run_trajectory(plan: RowPlan, record: dict[str, Any], row_dir: Path, run_fn: RunFn, retrained: bool) -> None:
