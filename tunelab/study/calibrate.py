@@ -114,13 +114,12 @@ def train_tokens(cfg: dict[str, Any], tokenizer) -> tuple[float, int, float]:
     per_epoch = sum(len(ids) for ids in rows["input_ids"])
     supervised = supervised_tokens(rows["labels"])
     t = args.training
-    steps_per_epoch = train_steps(len(rows), t.per_device_train_batch_size * t.gradient_accumulation_steps, 1)
+    batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if t.max_steps and t.max_steps > 0:  # a step budget instead of epochs
-        epochs = t.max_steps / max(steps_per_epoch, 1)
+        epochs = t.max_steps / max(train_steps(len(rows), batch, 1), 1)
         return per_epoch * epochs, t.max_steps, supervised * epochs
-    return per_epoch * t.num_train_epochs, train_steps(len(rows), t.per_device_train_batch_size
-                                                       * t.gradient_accumulation_steps, t.num_train_epochs), \
-        supervised * t.num_train_epochs
+    epochs = t.num_train_epochs
+    return per_epoch * epochs, train_steps(len(rows), batch, epochs), supervised * epochs
 
 
 def finetune_args(cfg: dict[str, Any], _tokenizer=None):
