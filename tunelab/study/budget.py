@@ -11,7 +11,7 @@ Each becomes round(size x factor), never below its floor (FLOORS: fewer samples 
 and never above the scale's own size. A knob the scale leaves unset (all rows) stays unset: give the
 scale a max_samples for --budget to shrink it.
 
-A row's time = its planned model FLOPs / (peak x EXPECTED_MFU) + STAGE_OVERHEAD_S per stage call (training,
+A row's time = its planned model FLOPs / (peak x the precision's expected MFU, efficiency.expected_mfu) + STAGE_OVERHEAD_S per stage call (training,
 and the eval sets together: sizing.stage_calls); the grid's time is the rows' sum over the devices that run them.
 """
 
@@ -23,23 +23,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.study.efficiency import EXPECTED_MFU, expected_mfu
 
 FLOORS = {"train": 16, "eval": 16, "generate": 4}
-# Planned model FLOPs / (wall time x measured peak) of whole studies (2026-11-30, `bash scripts/run_main.sh`,
-# 2-core AMD EPYC): 42% for the quick scale and 37% for --budget 15m in bf16 (AVX-512 BF16 class;
-# efficiency.ASSUMED_MFU, which the progress view's first ETA uses too), 47-48% for --budget 27m in fp32 (AVX2
-# class, emulated). With 2 s per stage on top (a stage's time beyond its own runtime: model load, tokenizing,
-# writing results, 0.3-1.2 s) the estimates came within the budget: 13.4 of 15 and 24.6 of 27 minutes. The
-# constants below are those budget runs' measurements (their rows are smaller than the quick scale's, so a
-# larger share of their time is generation), so a budget is planned with what such a run achieves. Those
-# figures left the output projection out of training; counted (efficiency.train_flops) the same runs plan 5%
-# more FLOPs in the same time (replanned 2026-12-01): 38% and 49%. With a row's eval sets in one call (one
-# model load, one generation) --budget 15m in bf16 did its planned FLOPs at 43% (done FLOPs: 41%) in 10.6 min
-# (2026-12-01 02:54, bf16 peak 428 GFLOP/s), and --budget 27m in fp32 (AVX2 class, emulated) at 57-62% (done
-# FLOPs: 54-59%; the peak measured 196 GFLOP/s when it was planned, 180 at its start) in 21.5 min, estimated 26:
-# planned at 40% and 52% they keep a margin for these hosts' drift.
-EXPECTED_MFU = 0.40
-EXPECTED_MFU_BY_PRECISION = {"bf16": 0.40, "fp32": 0.52}
 STAGE_OVERHEAD_S = 2.0
 FIT_STEPS = 6  # bisection steps after the two ends: the factor to within (1 - floor) / 64
 DURATION_FORMS = "30m, 45min, 1h, 1h30m or 90s"
@@ -149,11 +135,6 @@ class Estimate:
 
     def longest(self) -> tuple[str, float]:
         return max(self.rows.items(), key=lambda item: item[1], default=("-", 0.0))
-
-
-def expected_mfu(precision: str) -> float:
-    """The study-level MFU a study in `precision` (bf16 / fp32) is planned with."""
-    return EXPECTED_MFU_BY_PRECISION.get(precision, EXPECTED_MFU)
 
 
 def row_seconds(flops: dict[str, float], stages: int, peak_gflops: float, mfu: float = EXPECTED_MFU) -> float:

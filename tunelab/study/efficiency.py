@@ -49,7 +49,21 @@ from typing import Any
 from tunelab.study.files import number, read_json_object, stage_results
 
 EFFICIENCY_FILE = "efficiency.json"
-ASSUMED_MFU = 0.4  # before any row has finished: a whole quick study measured 42% (AVX-512 BF16 class, bf16)
+# Planned model FLOPs / (wall time x measured peak) of whole studies (2026-11-30, `bash scripts/run_main.sh`,
+# 2-core AMD EPYC): 42% for the quick scale and 37% for --budget 15m in bf16 (AVX-512 BF16 class), 47-48% for
+# --budget 27m in fp32 (AVX2 class, emulated). With 2 s per stage on top (a stage's time beyond its own runtime: model load, tokenizing,
+# writing results, 0.3-1.2 s) the estimates came within the budget: 13.4 of 15 and 24.6 of 27 minutes. The
+# constants below are those budget runs' measurements (their rows are smaller than the quick scale's, so a
+# larger share of their time is generation), so a budget is planned with what such a run achieves. Those
+# figures left the output projection out of training; counted (efficiency.train_flops) the same runs plan 5%
+# more FLOPs in the same time (replanned 2026-12-01): 38% and 49%. With a row's eval sets in one call (one
+# model load, one generation) --budget 15m in bf16 did its planned FLOPs at 43% (done FLOPs: 41%) in 10.6 min
+# (2026-12-01 02:54, bf16 peak 428 GFLOP/s), and --budget 27m in fp32 (AVX2 class, emulated) at 57-62% (done
+# FLOPs: 54-59%; the peak measured 196 GFLOP/s when it was planned, 180 at its start) in 21.5 min, estimated 26:
+# planned at 40% and 52% they keep a margin for these hosts' drift.
+EXPECTED_MFU = 0.40  # any other precision
+EXPECTED_MFU_BY_PRECISION = {"bf16": 0.40, "fp32": 0.52}
+LONG_STUDY_S = 30 * 60  # a start ETA above this names --budget
 PARTS = ("train", "scoring", "generation", "eval_unsplit", "other")
 
 
@@ -163,47 +177,81 @@ def train_steps(samples: int, batch: int, epochs: float) -> int:
     return math.ceil(per_epoch * epochs)
 
 
+def expected_mfu(precision: str) -> float:
+    """The study-level MFU a study in `precision` (bf16 / fp32) is planned with: --budget's estimate and the
+    progress view's first ETA."""
+    return EXPECTED_MFU_BY_PRECISION.get(precision, EXPECTED_MFU)
+
+
 def eta_seconds(remaining_flops: float, peak_flops: float, mfu: float) -> float:
     """Seconds left at `mfu` of the peak (FLOP/s, all devices together)."""
     return remaining_flops / max(peak_flops * mfu, 1e-9)
 
 
+MODEL_PARTS = ("train", "scoring", "generation")  # the parts the plan has FLOPs for
+
+
 @dataclass
 class Budget:
-    """The study's planned FLOPs per row dir and the machine's peak: what the progress view's ETA uses.
-    While rows finish, the rate is the planned FLOPs of the rows finished this session per elapsed
-    second, so a formula that over- or under-counts some work cancels out of the ETA."""
+    """The study's planned FLOPs per row dir and part, and the machine's peak: what the progress view's ETA uses.
 
-    planned: dict[str, float]           # row dir -> planned FLOPs (all stages)
-    peak_gflops: float                  # one device
+    Before a row ends, every part runs at the precision's expected MFU. Then each part's rate is the planned
+    FLOPs of that part in the rows finished this session over the seconds they spent on it (a part no row has
+    timed yet keeps the expected MFU), so a formula that over- or under-counts some work -- generation is
+    planned at max_new_tokens per answer, and answers stop earlier -- cancels out of the ETA, part by part: a
+    base row that only scores and generates says little about how fast training goes. The rows' seconds
+    beyond those parts (loading, tokenizing) and several rows running at once enter as elapsed time over the
+    finished rows' part seconds."""
+
+    planned: dict[str, dict[str, float]]  # row dir -> {train, scoring, generation} planned FLOPs
+    peak_gflops: float                    # one device
     precision: str
     devices: int = 1
-    done: dict[str, float] = field(default_factory=dict)
+    done: dict[str, dict[str, float]] = field(default_factory=dict)  # row dir -> seconds per part
 
     @property
     def peak_flops(self) -> float:
         return self.peak_gflops * 1e9 * self.devices
 
-    def start_line(self, todo: list[str]) -> str:
-        total = sum(self.planned.get(d, 0.0) for d in todo)
-        eta = eta_seconds(total, self.peak_flops, ASSUMED_MFU)
-        return (f"planned ≈ {total / 1e12:.1f} TFLOP; this machine's peak {self.peak_gflops:.0f} GFLOP/s "
-                f"({self.precision}{f' x {self.devices} devices' if self.devices > 1 else ''}); "
-                f"ETA ≈ {eta / 60:.0f} min (at an assumed {ASSUMED_MFU:.0%} MFU)")
+    @property
+    def expected_mfu(self) -> float:
+        return expected_mfu(self.precision)
 
-    def finished(self, row_dir: str) -> None:
-        self.done[row_dir] = self.planned.get(row_dir, 0.0)
+    def _planned(self, rows, part: str | None = None) -> float:
+        return sum(v for d in rows for p, v in self.planned.get(d, {}).items() if part in (None, p))
+
+    def start_line(self, todo: list[str], sized: bool = False) -> str:
+        """What the study will cost here, before any row ran; a long one not `sized` to a time by --budget
+        names the option."""
+        total = self._planned(todo)
+        eta = eta_seconds(total, self.peak_flops, self.expected_mfu)
+        line = (f"planned ≈ {total / 1e12:.1f} TFLOP; this machine's peak {self.peak_gflops:.0f} GFLOP/s "
+                f"({self.precision}{f' x {self.devices} devices' if self.devices > 1 else ''}); "
+                f"ETA ≈ {eta / 60:.0f} min (at an assumed {self.expected_mfu:.0%} MFU)")
+        if eta > LONG_STUDY_S and not sized:
+            line += "; --budget 30m would size the study to 30 minutes on this machine (smaller samples)"
+        return line
+
+    def finished(self, row_dir: str, seconds: dict[str, float] | None = None) -> None:
+        """Row `row_dir` ended, having spent `seconds` per part (row_split; None or {} when unknown)."""
+        self.done[row_dir] = {p: float(seconds.get(p) or 0.0) for p in MODEL_PARTS} if seconds else {}
 
     def eta(self, todo: list[str], elapsed: float) -> tuple[float, float]:
-        """(seconds left, measured efficiency) with the rows not yet finished in `todo`."""
-        left = sum(self.planned.get(d, 0.0) for d in todo if d not in self.done)
-        done = sum(self.done.values())
-        mfu = done / max(elapsed * self.peak_flops, 1e-9) if done and elapsed > 0 else ASSUMED_MFU
-        return eta_seconds(left, self.peak_flops, mfu), mfu
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"planned_flops": self.planned, "peak_gflops": self.peak_gflops, "precision": self.precision,
-                "devices": self.devices}
+        """(seconds left, measured efficiency: the finished rows' planned FLOPs over elapsed x peak) with the
+        rows not yet finished in `todo`."""
+        left = [d for d in todo if d not in self.done]
+        done_flops = self._planned(self.done)
+        mfu = done_flops / max(elapsed * self.peak_flops, 1e-9) if done_flops and elapsed > 0 else self.expected_mfu
+        timed = [d for d, seconds in self.done.items() if sum(seconds.values()) > 0]
+        part_seconds = sum(sum(self.done[d].values()) for d in timed)
+        if not part_seconds or elapsed <= 0:
+            return eta_seconds(self._planned(left), self.peak_flops, mfu), mfu
+        seconds = 0.0
+        for part in MODEL_PARTS:
+            flops, spent = self._planned(timed, part), sum(self.done[d][part] for d in timed)
+            rate = flops / spent if flops > 0 and spent > 0 else self.peak_flops * self.expected_mfu
+            seconds += self._planned(left, part) / rate
+        return seconds * elapsed / part_seconds, mfu
 
 
 # ---- what was done (the report) ----

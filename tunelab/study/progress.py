@@ -3,9 +3,10 @@
 At the start of a session, after the calibration (tunelab/study/calibrate.py), one line says what the
 study will cost on this machine before any row has run:
 
-    planned ≈ 41.3 TFLOP; this machine's peak 212 GFLOP/s (bf16); ETA ≈ 11 min (at an assumed 30% MFU)
+    planned ≈ 41.3 TFLOP; this machine's peak 212 GFLOP/s (bf16); ETA ≈ 8 min (at an assumed 40% MFU)
 
-then one line per finished row: status, time, headline scores, the row's time split (train / scoring /
+(the MFU --budget plans with, per precision: efficiency.expected_mfu); an ETA over 30 minutes for a study
+not sized by --budget names that option. Then one line per finished row: status, time, headline scores, the row's time split (train / scoring /
 generation), the study's MFU so far, elapsed and ETA. The ETA is the planned FLOPs of the rows left
 over the rate the finished rows achieved (tunelab/study/efficiency.py Budget); without a calibration
 it is the mean row time times the rows left.
@@ -24,7 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.study.efficiency import EFFICIENCY_FILE, Budget, ModelShape, row_flops, row_split
+from tunelab.names import PLAN_FILE
+from tunelab.study.efficiency import EFFICIENCY_FILE, MODEL_PARTS, Budget, ModelShape, row_flops, row_split
+from tunelab.study.files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ def budget_from(calibration: dict[str, Any]) -> Budget | None:
     """The ETA's budget from a calibration record; None when it lacks the peak or the planned rows."""
     if not calibration.get("peak_gflops") or not calibration.get("rows"):
         return None
-    planned = {d: sum((r.get("flops") or {}).values()) for d, r in calibration["rows"].items()}
+    planned = {d: {part: float(flops) for part, flops in (r.get("flops") or {}).items() if part in MODEL_PARTS}
+               for d, r in calibration["rows"].items()}
     return Budget(planned, calibration["peak_gflops"], calibration.get("precision", "?"),
                   int(calibration.get("devices") or 1))
 
@@ -63,7 +67,8 @@ def start_session(study_dir: Path, plans, todo, calibrate: Callable | None, devi
     calibration = data.get("calibration") or {}
     budget = budget_from(calibration) if calibrate is not None else None
     if budget is not None:
-        log(budget.start_line([p.dir for p in todo]))
+        sized = bool(read_json_object(study_dir / PLAN_FILE).get("budget"))  # sized by --budget (plan.json)
+        log(budget.start_line([p.dir for p in todo], sized))
     elif calibrate is not None:
         log(f"calibration incomplete ({'; '.join(calibration.get('errors', [])) or 'no planned rows'}): "
             "the ETA comes from row times")
@@ -106,28 +111,29 @@ class Progress:
         elapsed = time.time() - self.start
         status = record.get("status", "?")
         detail = headline(record) if status == "done" else (record.get("error") or "")[:160]
+        split = row_split(self.study_dir / plan.dir, record) if self.study_dir is not None and status == "done" else {}
         self.log(f"[{self.done:>2}/{self.total}] {plan.dir.split('/')[-1]:<34} {status:<6} "
-                 f"{fmt_time(record.get('seconds', 0))}  {detail}{self._efficiency(plan, record, elapsed)}"
-                 f"  | elapsed {fmt_time(elapsed)}, ETA {fmt_time(self._eta(plan, elapsed))}")
+                 f"{fmt_time(record.get('seconds', 0))}  {detail}{self._efficiency(plan, record, split, elapsed)}"
+                 f"  | elapsed {fmt_time(elapsed)}, ETA {fmt_time(self._eta(plan, split, elapsed))}")
 
-    def _eta(self, plan, elapsed: float) -> float:
+    def _eta(self, plan, split: dict[str, float], elapsed: float) -> float:
         if self.budget is not None:
-            self.budget.finished(plan.dir)
+            self.budget.finished(plan.dir, split)
             return self.budget.eta(self.todo, elapsed)[0]
         left = self.total - self.done
         return (sum(self.durations) / len(self.durations)) * left / self.workers if self.durations else 0.0
 
-    def _efficiency(self, plan, record: dict[str, Any], elapsed: float) -> str:
-        """' (train 1m02s, scoring 20s, generation 41s; study MFU 38%)' where the files tell."""
-        if self.study_dir is None or record.get("status") != "done":
+    def _efficiency(self, plan, record: dict[str, Any], split: dict[str, float], elapsed: float) -> str:
+        """' (train 1m02s, scoring 20s, generation 41s; study MFU 38%)' where the files tell (`split`: the row's
+        seconds per part, row_split; empty when they do not)."""
+        if not split:
             return ""
-        row_dir = self.study_dir / plan.dir
-        split = {k: v for k, v in row_split(row_dir, record).items() if v >= 0.5}
-        parts = ", ".join(f"{k.replace('_', ' ')} {fmt_time(v)}" for k, v in split.items())
+        parts = ", ".join(f"{k.replace('_', ' ')} {fmt_time(v)}" for k, v in split.items() if v >= 0.5)
         calibration = _read(self.study_dir).get("calibration") or {}
         if self.budget is not None and calibration.get("model"):
             planned = (calibration.get("rows") or {}).get(plan.dir, {})
-            self.flops += row_flops(row_dir, record, ModelShape.from_dict(calibration["model"]), planned) or 0.0
+            self.flops += row_flops(self.study_dir / plan.dir, record, ModelShape.from_dict(calibration["model"]),
+                                    planned) or 0.0
             parts += f"; study MFU {self.flops / max(elapsed * self.budget.peak_flops, 1e-9):.0%}"
         return f" ({parts})" if parts else ""
 
