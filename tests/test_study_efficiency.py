@@ -118,6 +118,98 @@ def test_a_long_study_not_sized_to_a_time_names_budget():
     assert "--budget" not in short.start_line(["rows/a"])
 
 
+# ---- from fixture files ----
+
+def _fixture_study(tmp_path: Path) -> list[dict]:
+    """Base row (eval only, recorded tokens and a split) and one trained row with a planned entry only."""
+    entries = [{"id": 0, "dir": "rows/r00_base_s42"}, {"id": 1, "dir": "rows/r01_freeze_s42"}]
+    base, row = tmp_path / entries[0]["dir"], tmp_path / entries[1]["dir"]
+    _write(base / "row.json", {"status": "done", "stages": {"persona": {"seconds": 30.0}}})
+    _write(base / "persona/predict_results.json",
+           {"predict_tokens_scored": 200, "predict_tokens_generated": 20, "predict_likelihood_samples": 4,
+            "predict_generated_samples": 2, "predict_scoring_runtime": 10.0, "predict_generation_runtime": 15.0})
+    (base / "persona/likelihood.jsonl").write_text(
+        "".join(json.dumps({"index": i, "tokens": 20, "nll": 2.0, "kl": 0.0}) + "\n" for i in range(4)))
+    _write(row / "row.json", {"status": "done", "stages": {"train": {"seconds": 50.0}, "persona": {"seconds": 20.0}}})
+    _write(row / "train/trainer_state.json", {"global_step": 4, "num_input_tokens_seen": 1000})
+    _write(row / "train/trainable.json", {"finetuning_type": "freeze", "trainable_params": 10, "layers": [3]})
+    _write(row / "persona/predict_results.json", {"predict_bleu-4": 1.0})  # no token counts: planned ones
+    _write(tmp_path / eff.EFFICIENCY_FILE, {
+        "calibration": {"peak_gflops": 1e-6, "precision": "fp32", "model": SHAPE.to_dict(),
+                        "rows": {"rows/r01_freeze_s42": {"flops": {"train": 1.0, "scoring": 500.0, "generation": 700.0}}}},
+        "sessions": [{"seconds": 60.0}, {"seconds": 40.0}]})
+    return entries
+
+
+def test_mfu_and_time_split_from_row_files(tmp_path):
+    entries = _fixture_study(tmp_path)
+    study = eff.read_efficiency(tmp_path, entries)
+    base_flops = 2 * (42 * 200 + 5 * 80) + 2 * (42 * (120 * 2 / 4 + 20) + 5 * 20)
+    row_flops = 2 * 1000 * (42 + 12 + 10) + 500 + 700  # recorded train tokens; planned eval
+    assert [f for _, _, f in study.rows] == [pytest.approx(base_flops), pytest.approx(row_flops)]
+    assert study.wall_seconds == 100.0  # two sessions
+    assert study.mfu == pytest.approx((base_flops + row_flops) / (100.0 * 1e-6 * 1e9))
+    splits = dict((d, s) for d, s, _ in study.rows)
+    assert splits["rows/r00_base_s42"] == {"train": 0.0, "scoring": 10.0, "generation": 15.0, "eval_unsplit": 0.0,
+                                           "other": 5.0}
+    assert splits["rows/r01_freeze_s42"]["train"] == 50.0 and splits["rows/r01_freeze_s42"]["eval_unsplit"] == 20.0
+    assert study.totals()["scoring"] == 10.0
+    assert set(study.part_mfu()) == {"train"}  # a row's eval time is not split: no scoring / generation figure
+
+
+def test_generation_counts_only_the_prompt_tokens_it_ran(tmp_path):
+    """A stage that records generation_prompt_tokens (prompts decoded on from the likelihood pass's keys/values
+    run only their last token) is counted with those, not with every prompt's tokens."""
+    entries = _fixture_study(tmp_path)
+    path = tmp_path / entries[0]["dir"] / "persona/predict_results.json"
+    _write(path, {**json.loads(path.read_text()), "predict_generation_prompt_tokens": 2})
+    base_flops = 2 * (42 * 200 + 5 * 80) + 2 * (42 * (2 + 20) + 5 * 20)
+    assert eff.read_efficiency(tmp_path, entries).rows[0][2] == pytest.approx(base_flops)
+
+
+def test_the_lower_layer_cache_and_the_base_pass_count_what_they_ran(tmp_path):
+    """A row on cached layer-3 inputs counts layers 0-2 only for the tokens they ran over (train and eval), the
+    base pass's forward counts as scoring (FLOPs and time); a row from before these records takes the plan."""
+    entries = _fixture_study(tmp_path)
+    row = tmp_path / entries[1]["dir"]
+    _write(row / "train/train_results.json", {"train_cached_layer": 3, "train_lower_layer_tokens": 400,
+                                              "train_supervised_tokens": 300})
+    _write(row / "persona/predict_results.json",
+           {"predict_tokens_scored": 200, "predict_cached_layer": 3, "predict_lower_layer_tokens": 50,
+            "predict_base_pass_tokens": 200, "predict_base_pass_runtime": 4.0, "predict_scoring_runtime": 6.0,
+            "predict_likelihood_samples": 4, "predict_generated_samples": 0})
+    (row / "persona/likelihood.jsonl").write_text(
+        "".join(json.dumps({"index": i, "tokens": 20, "nll": 2.0, "kl": 0.0}) + "\n" for i in range(4)))
+    lower = 42 - 12  # body - N_active(3): the three layers below k = 3
+    train = 2 * 1000 * (42 + 12 + 10) - 2 * lower * (1000 - 400) + 4 * 5 * 300  # + the head at 300 positions
+    scoring = 2 * (42 * 200 + 5 * 80) - 2 * lower * (200 - 50) + 2 * (42 * 200 + 5 * 80)  # + the base pass
+    study = eff.read_efficiency(tmp_path, entries)
+    assert study.rows[1][2] == pytest.approx(train + scoring)
+    assert study.rows[1][1]["scoring"] == 10.0 and study.rows[1][1]["other"] == 10.0
+    # per part over both rows (the base row: scoring 10 s, generation 15 s), at a peak of 1e3 FLOP/s
+    base_scoring, base_generation = 2 * (42 * 200 + 5 * 80), 2 * (42 * (120 * 2 / 4 + 20) + 5 * 20)
+    assert study.part_flops == pytest.approx({"train": train, "scoring": base_scoring + scoring,
+                                              "generation": base_generation})
+    assert study.part_mfu() == pytest.approx({"train": train / 50 / 1e3, "scoring": (base_scoring + scoring) / 20 / 1e3,
+                                              "generation": base_generation / 15 / 1e3})
+    # the same row without the records (an older study): the plan's scoring (500), not every layer's
+    _write(row / "persona/predict_results.json", {"predict_tokens_scored": 200, "predict_likelihood_samples": 4,
+                                                  "predict_generated_samples": 0})
+    (row / "train/train_results.json").unlink()
+    assert eff.read_efficiency(tmp_path, entries).rows[1][2] == pytest.approx(2 * 1000 * (42 + 12 + 10) + 500)
+    _write(row / "train/trainer_state.json", {"global_step": 4})  # no recorded tokens either: the plan's train (1.0)
+    assert eff.read_efficiency(tmp_path, entries).rows[1][2] == pytest.approx(1.0 + 500)
+
+
+def test_no_calibration_leaves_flops_unknown_but_splits_time(tmp_path):
+    entries = _fixture_study(tmp_path)
+    (tmp_path / eff.EFFICIENCY_FILE).unlink()
+    study = eff.read_efficiency(tmp_path, entries)
+    assert study.flops is None and study.mfu is None and study.wall_seconds == 30.0 + 70.0
+
+
+# ---- the runner with a fake calibration ----
+
 def test_the_start_line_knows_a_study_sized_by_budget_from_plan_json(tmp_path):
     from tunelab.study.progress import start_session
 
