@@ -64,7 +64,8 @@ def run(args: Args) -> dict[str, Any]:
     from tunelab.logs import quiet_known_warnings
 
     quiet_known_warnings()  # also for a study's worker processes, which do not pass through the CLI
-    stage = _checked_stage(args)
+    stage = check_stage(args.training)
+    check_inputs(args, stage)  # output dir, data sets, method targets: before any model loads
     if stage == "train":
         return run_train(args)
     from tunelab.evaluate import run_eval
@@ -78,20 +79,13 @@ def run_evals(args_list: list[Args]) -> list[dict[str, Any]]:
     from tunelab.evaluate import run_evals as evaluate_sets
     from tunelab.logs import quiet_known_warnings
 
+    quiet_known_warnings()
     stages = [check_stage(args.training) for args in args_list]
     if "train" in stages or len(set(stages)) > 1:
         return [run(args) for args in args_list]
-    quiet_known_warnings()
     for args in args_list:
-        _checked_stage(args)
+        check_inputs(args, stages[0])
     return evaluate_sets(args_list, stages[0])
-
-
-def _checked_stage(args: Args) -> str:
-    """The stage the options ask for, after the checks that need no model: output dir, data sets, method targets."""
-    stage = check_stage(args.training)
-    check_inputs(args, stage)
-    return stage
 
 
 def run_train(args: Args) -> dict[str, Any]:

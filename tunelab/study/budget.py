@@ -11,8 +11,9 @@ Each becomes round(size x factor), never below its floor (FLOORS: fewer samples 
 and never above the scale's own size. A knob the scale leaves unset (all rows) stays unset: give the
 scale a max_samples for --budget to shrink it.
 
-A row's time = its planned model FLOPs / (peak x the precision's expected MFU, efficiency.expected_mfu) + STAGE_OVERHEAD_S per stage call (training,
-and the eval sets together: sizing.stage_calls); the grid's time is the rows' sum over the devices that run them.
+A row's time = its planned model FLOPs / (peak x the precision's expected MFU, efficiency.expected_mfu)
++ STAGE_OVERHEAD_S per stage call (training, and the eval sets together: sizing.stage_calls); the grid's time is
+the rows' sum over the devices that run them.
 """
 
 from __future__ import annotations

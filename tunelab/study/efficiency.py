@@ -49,18 +49,18 @@ from typing import Any
 from tunelab.study.files import number, read_json_object, stage_results
 
 EFFICIENCY_FILE = "efficiency.json"
-# Planned model FLOPs / (wall time x measured peak) of whole studies (2026-11-30, `bash scripts/run_main.sh`,
-# 2-core AMD EPYC): 42% for the quick scale and 37% for --budget 15m in bf16 (AVX-512 BF16 class), 47-48% for
-# --budget 27m in fp32 (AVX2 class, emulated). With 2 s per stage on top (a stage's time beyond its own runtime: model load, tokenizing,
-# writing results, 0.3-1.2 s) the estimates came within the budget: 13.4 of 15 and 24.6 of 27 minutes. The
-# constants below are those budget runs' measurements (their rows are smaller than the quick scale's, so a
-# larger share of their time is generation), so a budget is planned with what such a run achieves. Those
-# figures left the output projection out of training; counted (efficiency.train_flops) the same runs plan 5%
-# more FLOPs in the same time (replanned 2026-12-01): 38% and 49%. With a row's eval sets in one call (one
-# model load, one generation) --budget 15m in bf16 did its planned FLOPs at 43% (done FLOPs: 41%) in 10.6 min
-# (2026-12-01 02:54, bf16 peak 428 GFLOP/s), and --budget 27m in fp32 (AVX2 class, emulated) at 57-62% (done
-# FLOPs: 54-59%; the peak measured 196 GFLOP/s when it was planned, 180 at its start) in 21.5 min, estimated 26:
-# planned at 40% and 52% they keep a margin for these hosts' drift.
+# Planned model FLOPs / (wall time x measured peak) of whole studies (2026-11-30, `bash scripts/run_main.sh`, 2-core
+# AMD EPYC): 42% for the quick scale and 37% for --budget 15m in bf16 (AVX-512 BF16 class), 47-48% for --budget 27m
+# in fp32 (AVX2 class, emulated). With 2 s per stage on top (a stage's time beyond its own runtime: model load,
+# tokenizing, writing results, 0.3-1.2 s) the estimates came within the budget: 13.4 of 15 and 24.6 of 27 minutes.
+# The constants below are those budget runs' measurements (their rows are smaller than the quick scale's, so a
+# larger share of their time is generation), so a budget is planned with what such a run achieves. Those figures
+# left the output projection out of training; counted (efficiency.train_flops) the same runs plan 5% more FLOPs in
+# the same time (replanned 2026-12-01): 38% and 49%. With a row's eval sets in one call (one model load, one
+# generation) --budget 15m in bf16 did its planned FLOPs at 43% (done FLOPs: 41%) in 10.6 min (2026-12-01 02:54,
+# bf16 peak 428 GFLOP/s), and --budget 27m in fp32 (AVX2 class, emulated) at 57-62% (done FLOPs: 54-59%; the peak
+# measured 196 GFLOP/s when it was planned, 180 at its start) in 21.5 min, estimated 26: planned at 40% and 52% they
+# keep a margin for these hosts' drift.
 EXPECTED_MFU = 0.40  # any other precision
 EXPECTED_MFU_BY_PRECISION = {"bf16": 0.40, "fp32": 0.52}
 LONG_STUDY_S = 30 * 60  # a start ETA above this names --budget

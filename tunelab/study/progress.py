@@ -6,10 +6,10 @@ study will cost on this machine before any row has run:
     planned ≈ 41.3 TFLOP; this machine's peak 212 GFLOP/s (bf16); ETA ≈ 8 min (at an assumed 40% MFU)
 
 (the MFU --budget plans with, per precision: efficiency.expected_mfu); an ETA over 30 minutes for a study
-not sized by --budget names that option. Then one line per finished row: status, time, headline scores, the row's time split (train / scoring /
-generation), the study's MFU so far, elapsed and ETA. The ETA is the planned FLOPs of the rows left
-over the rate the finished rows achieved (tunelab/study/efficiency.py Budget); without a calibration
-it is the mean row time times the rows left.
+not sized by --budget names that option. Then one line per finished row: status, time, headline scores,
+the row's time split (train / scoring / generation), the study's MFU so far, elapsed and ETA. The ETA takes
+each part of the rows left at the rate the finished rows did that part (tunelab/study/efficiency.py Budget);
+without a calibration it is the mean row time times the rows left.
 
 efficiency.json holds the latest calibration and every session's duration, so the report's MFU uses
 the wall time the study really took, over however many sessions (resumes) it ran.
